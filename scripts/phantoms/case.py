@@ -143,7 +143,9 @@ def finish_case(
         "patient_size": size_category(sampler.wed_mm),
         "calcium_free": n == 0,
         "lesions": [describe(les, p, f) for les, p, f in zip(lesions, patches[:n], lesion_facts, strict=True)],
-        "distractors": [describe(les, p, f) for les, p, f in zip(distractors, patches[n:], distractor_facts, strict=True)],
+        "distractors": [
+            describe(les, p, f) for les, p, f in zip(distractors, patches[n:], distractor_facts, strict=True)
+        ],
         "label_rule": "a voxel takes a lesion's label when the lesion fills >= 50 % of it (occupancy stored)",
         **extra_truth,
     }
