@@ -278,7 +278,11 @@ def make_chest_case(
 
     def underlying(xyz: np.ndarray) -> np.ndarray:
         best = np.full(len(xyz), np.inf)
+        centre = xyz.mean(axis=0)
+        extent = float(np.linalg.norm(xyz - centre, axis=1).max())
         for tube in (*tubes.values(), anatomy.aorta):
+            if tube.nearest(centre[None])[0][0] > extent + float(tube.radii.max()) + 1.0:
+                continue  # this vessel cannot reach any of the points
             dist, idx = tube.nearest(xyz)
             best = np.minimum(best, dist - tube.radii[idx])
         return TISSUE_HU["fat"] + (TISSUE_HU["blood"] - TISSUE_HU["fat"]) * ramp(best, 0.2)

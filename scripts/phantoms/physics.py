@@ -178,18 +178,29 @@ def render_lesion(
     fi = (np.arange(i0, i1)[:, None] + sub_xy[None]).ravel()
     fj = (np.arange(j0, j1)[:, None] + sub_xy[None]).ravel()
     fk = (np.arange(k0, k1)[:, None] + sub_z[None]).ravel()
-    kk, jj, ii = np.meshgrid(fk, fj, fi, indexing="ij")
-    xyz = grid.index_to_patient(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
     ramp = float(np.cbrt((grid.pixel_mm / n_xy) ** 2 * (grid.increment_mm / n_z)))
-    occ = lesion.occupancy(xyz, ramp)
-    inside = occ > 0
-    obj = np.zeros(occ.shape, dtype=np.float64)
-    if inside.any():
-        matrix = underlying_hu(xyz[inside])
-        obj[inside] = (density_to_hu(lesion.density_mg_cm3, scanner.kvp) - matrix) * occ[inside]
     shape_f = (nk * n_z, nj * n_xy, ni * n_xy)
-    obj = obj.reshape(shape_f)
-    occ = occ.reshape(shape_f)
+    occ = np.zeros(shape_f)
+    obj = np.zeros(shape_f)
+    # Only fine samples within the lesion's own bounding box can be occupied: evaluate just those.
+    near = grid.patient_to_index(
+        lesion.centre + corners * (reach + 2 * ramp) / np.array([margin_xy, margin_xy, margin_z])
+    )
+    sub = tuple(
+        slice(int(np.searchsorted(f, near[:, a].min())), int(np.searchsorted(f, near[:, a].max(), side="right")))
+        for a, f in ((2, fk), (1, fj), (0, fi))
+    )
+    kk, jj, ii = np.meshgrid(fk[sub[0]], fj[sub[1]], fi[sub[2]], indexing="ij")
+    xyz = grid.index_to_patient(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
+    local = lesion.occupancy(xyz, ramp)
+    inside = local > 0
+    if inside.any():
+        contrast = np.zeros(local.shape)
+        contrast[inside] = (density_to_hu(lesion.density_mg_cm3, scanner.kvp) - underlying_hu(xyz[inside])) * local[
+            inside
+        ]
+        occ[sub] = local.reshape(kk.shape)
+        obj[sub] = contrast.reshape(kk.shape)
 
     # Resolution: Gaussian PSF in-plane; slice profile = rect(thickness) convolved with a Gaussian.
     dz_f = grid.increment_mm / n_z
