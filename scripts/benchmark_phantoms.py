@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         for size in ("small", "full"):
             runs = [one(kind, size, i) for i in range(args.runs)]
             secs = [r["seconds"] for r in runs]
-            rows.append(
-                f"| {kind} | {size} | {args.runs} | {statistics.median(secs):.2f} | {max(secs):.2f} | "
-                f"{max(r['peak_rss_mb'] for r in runs):.0f} | {' / '.join('x'.join(map(str, r['shape'])) for r in runs[:3])} |"
-            )
+            shapes = " / ".join("x".join(map(str, r["shape"])) for r in runs[:3])
+            rss = max(r["peak_rss_mb"] for r in runs)
+            median = statistics.median(secs)
+            rows.append(f"| {kind} | {size} | {args.runs} | {median:.2f} | {max(secs):.2f} | {rss:.0f} | {shapes} |")
             print(rows[-1], flush=True)
     cpu = platform.processor() or platform.machine()
     header = [
