@@ -25,6 +25,7 @@ HA_SLOPE_BY_KVP = {80: 1.42, 100: 1.18, 120: 1.00, 140: 0.88}
 # Linear attenuation of water at the effective energy of a 120 kVp beam (1/mm), used for the
 # noise-versus-patient-size law: quantum noise scales with exp(mu * extra path / 2).
 MU_WATER_PER_MM = 0.019
+BLUR_STEP_MM = 0.25  # in-plane step of the grid on which lesion patches are blurred
 REFERENCE_WED_MM = 250.0  # water-equivalent diameter (a typical adult chest) at which `Scanner.noise_sd_hu` holds
 
 TISSUE_HU = {
@@ -153,16 +154,18 @@ def render_lesion(
 
     ``underlying_hu`` gives the HU of the tissue that the calcium displaces at fine points (N, 3):
     the lesion adds ``(HU_lesion - HU_underlying) * occupancy`` to the image, which is exact for a
-    linear imaging chain. Returns None when the lesion lies outside the grid.
+    linear imaging chain. Occupancy is sampled at ``fine_xy_mm`` x ``fine_z_mm`` or finer; the in-plane
+    PSF is applied after averaging to an intermediate grid of at most BLUR_STEP_MM, which is exact up
+    to sampling the Gaussian (sigma >= 0.25 mm) at that step. Returns None outside the grid.
     """
-    n_xy = int(np.ceil(grid.pixel_mm / fine_xy_mm))
+    n_mid = int(np.ceil(grid.pixel_mm / BLUR_STEP_MM))  # intermediate cells per output pixel
+    r = int(np.ceil(grid.pixel_mm / (n_mid * fine_xy_mm)))  # fine samples per intermediate cell
     n_z = int(np.ceil(grid.increment_mm / fine_z_mm))
     reach = float(np.max(lesion.radii))
     margin_xy = reach + 3 * scanner.psf_sigma_mm + grid.pixel_mm
     margin_z = reach + scanner.thickness_mm / 2 + 3 * scanner.ssp_sigma_mm + grid.increment_mm
-    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
-    corners *= np.array([margin_xy, margin_xy, margin_z])
-    ijk = grid.patient_to_index(lesion.centre + corners)
+    unit_cube = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
+    ijk = grid.patient_to_index(lesion.centre + unit_cube * np.array([margin_xy, margin_xy, margin_z]))
     lo = np.floor(ijk.min(axis=0)).astype(int)
     hi = np.ceil(ijk.max(axis=0)).astype(int) + 1
     size = np.array(grid.shape[::-1])
@@ -172,50 +175,55 @@ def render_lesion(
     (i0, j0, k0), (i1, j1, k1) = lo, hi
     ni, nj, nk = i1 - i0, j1 - j0, k1 - k0
 
-    # Fine samples at the centres of an exact partition of each output cell.
-    sub_xy = (np.arange(n_xy) + 0.5) / n_xy - 0.5
-    sub_z = (np.arange(n_z) + 0.5) / n_z - 0.5
-    fi = (np.arange(i0, i1)[:, None] + sub_xy[None]).ravel()
-    fj = (np.arange(j0, j1)[:, None] + sub_xy[None]).ravel()
-    fk = (np.arange(k0, k1)[:, None] + sub_z[None]).ravel()
+    # Intermediate cells partition each output pixel; fine samples partition each cell (centred).
+    n_xy = n_mid * r
     ramp = float(np.cbrt((grid.pixel_mm / n_xy) ** 2 * (grid.increment_mm / n_z)))
-    shape_f = (nk * n_z, nj * n_xy, ni * n_xy)
-    occ = np.zeros(shape_f)
-    obj = np.zeros(shape_f)
-    # Only fine samples within the lesion's own bounding box can be occupied: evaluate just those.
-    near = grid.patient_to_index(
-        lesion.centre + corners * (reach + 2 * ramp) / np.array([margin_xy, margin_xy, margin_z])
+    mid_i = np.arange(ni * n_mid) / n_mid + i0 + 0.5 / n_mid - 0.5  # cell centres in index units
+    mid_j = np.arange(nj * n_mid) / n_mid + j0 + 0.5 / n_mid - 0.5
+    fk = (np.arange(k0, k1)[:, None] + (np.arange(n_z) + 0.5) / n_z - 0.5).ravel()
+    shape_mid = (nk * n_z, nj * n_mid, ni * n_mid)
+    occ = np.zeros(shape_mid)
+    obj = np.zeros(shape_mid)
+    # Only cells within the lesion's own bounding box can be occupied: sample just those finely.
+    near = grid.patient_to_index(lesion.centre + unit_cube * (reach + 2 * ramp))
+    half = 0.5 / n_mid
+    ck = slice(int(np.searchsorted(fk, near[:, 2].min())), int(np.searchsorted(fk, near[:, 2].max(), side="right")))
+    cj = slice(
+        int(np.searchsorted(mid_j + half, near[:, 1].min())), int(np.searchsorted(mid_j - half, near[:, 1].max()))
     )
-    sub = tuple(
-        slice(int(np.searchsorted(f, near[:, a].min())), int(np.searchsorted(f, near[:, a].max(), side="right")))
-        for a, f in ((2, fk), (1, fj), (0, fi))
+    ci = slice(
+        int(np.searchsorted(mid_i + half, near[:, 0].min())), int(np.searchsorted(mid_i - half, near[:, 0].max()))
     )
-    kk, jj, ii = np.meshgrid(fk[sub[0]], fj[sub[1]], fi[sub[2]], indexing="ij")
-    xyz = grid.index_to_patient(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
-    local = lesion.occupancy(xyz, ramp)
-    inside = local > 0
-    if inside.any():
+    offsets = ((np.arange(r) + 0.5) / r - 0.5) / n_mid
+    fi = (mid_i[ci][:, None] + offsets[None]).ravel()
+    fj = (mid_j[cj][:, None] + offsets[None]).ravel()
+    if fi.size and fj.size and fk[ck].size:
+        kk, jj, ii = np.meshgrid(fk[ck], fj, fi, indexing="ij")
+        xyz = grid.index_to_patient(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
+        local = lesion.occupancy(xyz, ramp)
+        inside = local > 0
         contrast = np.zeros(local.shape)
-        contrast[inside] = (density_to_hu(lesion.density_mg_cm3, scanner.kvp) - underlying_hu(xyz[inside])) * local[
-            inside
-        ]
-        occ[sub] = local.reshape(kk.shape)
-        obj[sub] = contrast.reshape(kk.shape)
+        if inside.any():
+            hu = density_to_hu(lesion.density_mg_cm3, scanner.kvp)
+            contrast[inside] = (hu - underlying_hu(xyz[inside])) * local[inside]
+        cells = (kk.shape[0], len(fj) // r, r, len(fi) // r, r)
+        occ[ck, cj, ci] = local.reshape(cells).mean(axis=(2, 4))
+        obj[ck, cj, ci] = contrast.reshape(cells).mean(axis=(2, 4))
 
     # Resolution: Gaussian PSF in-plane; slice profile = rect(thickness) convolved with a Gaussian.
     dz_f = grid.increment_mm / n_z
-    sig_xy = scanner.psf_sigma_mm / (grid.pixel_mm / n_xy)
+    sig_xy = scanner.psf_sigma_mm / (grid.pixel_mm / n_mid)
     obj = ndimage.gaussian_filter(obj, (scanner.ssp_sigma_mm / dz_f, sig_xy, sig_xy), mode="constant", truncate=3.5)
     obj = ndimage.convolve1d(obj, rect_kernel(scanner.thickness_mm / dz_f), axis=0, mode="constant")
 
     # Average down: pixel aperture in-plane; in z the profile is read at the slice centre.
-    def cells(a: np.ndarray) -> np.ndarray:
-        return a.reshape(nk, n_z, nj, n_xy, ni, n_xy).mean(axis=(3, 5))
+    def to_cells(a: np.ndarray) -> np.ndarray:
+        return a.reshape(nk, n_z, nj, n_mid, ni, n_mid).mean(axis=(3, 5))
 
-    blurred = cells(obj)
+    blurred = to_cells(obj)
     mid = n_z // 2
     delta = blurred[:, mid] if n_z % 2 else 0.5 * (blurred[:, mid - 1] + blurred[:, mid])
-    occupancy = cells(occ).mean(axis=1)
+    occupancy = to_cells(occ).mean(axis=1)
 
     crop = tuple(slice(c0 - o, c1 - o) for c0, c1, o in zip(lo_c[::-1], hi_c[::-1], lo[::-1], strict=True))
     box = tuple(slice(int(c0), int(c1)) for c0, c1 in zip(lo_c[::-1], hi_c[::-1], strict=True))
