@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from .geometry import Grid  # noqa: E402
 
 COLOURS = ["tab:red", "tab:orange", "tab:green", "tab:cyan", "tab:purple", "tab:pink"]
-WINDOWS = {"chest": (-300.0, 700.0), "head": (-100.0, 1100.0)}
+WINDOWS = {"chest": (-300.0, 700.0), "head": (-100.0, 1500.0)}
 
 
 def load_case_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, dict, Grid]:
@@ -55,12 +55,18 @@ def draw_case(axes, image: np.ndarray, label: np.ndarray, truth: dict, grid: Gri
         i, _, kk = grid.patient_to_index(np.asarray(lm["position_mm"])[None])[0]
         ax.plot(i, kk, "+", color="yellow" if lm["side"] == "right" else "cyan", ms=8)
     ax = axes[2]
-    ax.imshow(image.max(axis=1), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin="lower")
+    # A coronal slab MIP around the vessels: thick enough to hold their course, thin enough to skip ribs.
+    j_all = np.concatenate(rows)[:, 1] if rows else np.array([image.shape[1] / 2])
+    half = int(round(12.0 / grid.pixel_mm))
+    j0, j1 = max(int(j_all.min()) - half, 0), min(int(j_all.max()) + half + 1, image.shape[1])
+    ax.imshow(image[:, j0:j1, :].max(axis=1), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin="lower")
     for colour, (name, ijk) in zip(COLOURS, zip(centrelines, rows, strict=True), strict=False):
         ax.plot(ijk[:, 0], ijk[:, 2], color=colour, lw=1.2, label=name)
     if centrelines:
         ax.legend(loc="upper right", fontsize=7)
-    ax.set_title("coronal MIP with vessel centrelines")
+    ax.set_xlim(-0.5, image.shape[2] - 0.5)  # centrelines may leave the scanned range
+    ax.set_ylim(-0.5, image.shape[0] - 0.5)
+    ax.set_title("coronal slab MIP with vessel centrelines")
     for a in axes:
         a.set_xticks([])
         a.set_yticks([])

@@ -1,0 +1,1 @@
+"""S2CAC coronary artery calcium segmentation bundle."""
