@@ -27,7 +27,7 @@ SEGMENT_NAMES = {str(1 + s * 4 + g): f"{side} {seg}" for s, side in enumerate(SI
 SIZES = {"small": (128, (1.6, 1.8)), "full": (512, (0.4, 0.5))}  # matrix, pixel range (mm)
 THICKNESSES = {
     "small": ([1.25, 2.0, 2.5, 3.0, 5.0], [0.15, 0.15, 0.2, 0.2, 0.3]),
-    "full": ([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0], [0.15, 0.15, 0.15, 0.1, 0.15, 0.1, 0.2]),
+    "full": ([0.5, 0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0], [0.05, 0.1, 0.15, 0.15, 0.1, 0.15, 0.1, 0.2]),
 }
 MAX_SLICES = {"small": 96, "full": 200}
 CALCIUM_MODES = (None, "none", "right", "left", "both")
