@@ -1,0 +1,252 @@
+"""Loss terms and schedules of S2CAC semi-supervised training (mean teacher + scoring-driven consistency).
+
+Re-implemented from the description of the published training code (``shared/research/seeds_methods.md`` 2.4);
+no code was copied. Notation: S = student, T = teacher (EMA of S), p = softmax of the logits, w = per-sample weight.
+
+Published total loss per iteration (with ``sw`` = 1e-6 on every score L1 term, scores in voxels)::
+
+    L = weighted_dice_ce(S(labeled), y, w)                              # supervised segmentation
+      + sw * score_regression_loss(score_S(labeled), s*, w)             # supervised score head
+      + lambda(t) * ( mask_consistency_loss(S(u), T(u + noise), score_S(u), score_T(u + noise))
+                    + score_consistency_loss(S(u), score_T(u + noise), S(labeled), s*, w) )
+
+Differences from the published code, all deliberate:
+
+- Scores are voxel counts divided by a constant ``score_scale`` (``true_score``, ``soft_score``) so that they are
+  O(1) on small patches; the published code uses raw counts and multiplies the L1 terms by ``sw`` = 1e-6.
+  Raw-count behaviour: ``score_scale=1`` and ``score_weight=1e-6``.
+- ``weighted_dice_ce`` returns ``(1 - Dice) + CE`` (published: ``-Dice + CE``; same gradients).
+- Schedules take the fraction of training done, ``progress`` in [0, 1], instead of epochs / iterations; the
+  defaults reproduce the published curves for 500 epochs (``negative_boost``) and 150,000 iterations
+  (``consistency_weight``).
+- The labels may have several foreground classes (ours: LM, LAD, LCX, RCA); Dice is averaged over them and the
+  score counts all of them (foreground = not background).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "consistency_weight",
+    "ema_update",
+    "mask_consistency_loss",
+    "negative_boost",
+    "sample_weights",
+    "score_consistency_loss",
+    "score_regression_loss",
+    "soft_score",
+    "teacher_noise",
+    "true_score",
+    "weighted_cross_entropy",
+    "weighted_dice_ce",
+    "weighted_mean",
+    "weighted_soft_dice_loss",
+]
+
+
+# --------------------------------------------------------------------------------------------- weights, schedules
+
+
+def sample_weights(has_calcium: Tensor, boost: float) -> Tensor:
+    """Per-sample loss weights (B,): 1 for patches with calcium, ``boost`` for calcium-free patches.
+
+    "Negative-sample boosting": ``boost`` follows ``negative_boost(progress)``, so calcium-free patches are almost
+    ignored early (0.001) and count fully late in training.
+    """
+    has_calcium = has_calcium.to(torch.bool).reshape(-1)
+    return torch.where(has_calcium, 1.0, float(boost)).to(torch.float32)
+
+
+def negative_boost(progress: float, alpha: float = 0.999, beta: float = 15.0, tau: float = 0.6) -> float:
+    """Weight of calcium-free samples, g(p) = 1 - alpha * (1 - sigmoid(beta * (p - tau))).
+
+    ``progress`` p is the fraction of training done (published: epoch / 500; beta = 0.03 * 500 and
+    tau = 300 / 500 give the published curve: g(0) = 0.0011, g(0.4) = 0.048, g(0.6) = 0.5005, g(0.8) = 0.953,
+    g(1) = 0.9975). Increasing in p.
+    """
+    z = beta * (float(progress) - tau)
+    sig = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    return 1.0 - alpha * (1.0 - sig)
+
+
+def consistency_weight(progress: float, max_weight: float = 0.1, rampup: float = 0.2) -> float:
+    """Weight lambda of the consistency terms: max_weight * exp(-5 * (1 - min(p / rampup, 1))^2).
+
+    The published sigmoid ramp-up (0.1 * exp(-5 (1 - t/200)^2) with t = iteration // 150, full weight after
+    30,000 of 150,000 iterations, i.e. ``rampup`` = 0.2 of training). Non-decreasing; ``rampup`` <= 0 means no
+    ramp-up. At p = 0 the weight is max_weight * exp(-5) = 0.00067.
+    """
+    if rampup <= 0:
+        return float(max_weight)
+    ratio = min(max(float(progress), 0.0) / rampup, 1.0)
+    return float(max_weight) * math.exp(-5.0 * (1.0 - ratio) ** 2)
+
+
+# --------------------------------------------------------------------------------------------- segmentation losses
+
+
+def weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    """sum_i w_i * v_i / sum_i w_i over the batch (plain mean without weights; 0 if all weights are 0)."""
+    if weights is None:
+        return values.mean()
+    weights = weights.to(values.dtype).reshape(values.shape)
+    return (weights * values).sum() / weights.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def _onehot_target(logits: Tensor, target: Tensor) -> Tensor:
+    """One-hot float target (B, C, ...) from a one-hot/soft target of the logits' shape or a class-index map.
+
+    Index maps may be (B, 1, ...) or (B, ...) of an integer dtype.
+    """
+    if target.shape == logits.shape and target.is_floating_point():
+        return target.to(logits.dtype)
+    index = target.long()
+    if index.dim() == logits.dim():
+        if index.shape[1] != 1:
+            raise ValueError(f"index target needs 1 channel, got shape {tuple(target.shape)}")
+        index = index[:, 0]
+    if index.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not fit logits {tuple(logits.shape)}")
+    return F.one_hot(index, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+
+
+def weighted_soft_dice_loss(
+    logits: Tensor, target: Tensor, weights: Tensor | None = None, smooth: float = 1e-5
+) -> Tensor:
+    """1 - weighted mean over samples of the soft Dice, each sample's Dice averaged over the foreground channels.
+
+    Per sample i and foreground channel c (softmax probabilities p, one-hot y, sums over voxels):
+    Dice_ic = (2 sum p y + smooth) / (sum p + sum y + smooth). A calcium-free sample with no predicted foreground
+    has Dice ~1; any false-positive probability mass lowers it.
+    """
+    onehot = _onehot_target(logits, target)
+    probs = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = onehot[:, 1:]
+    dims = tuple(range(2, logits.dim()))
+    intersection = (probs * onehot).sum(dims)
+    denominator = probs.sum(dims) + onehot.sum(dims)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
+    return 1.0 - weighted_mean(dice.mean(dim=1), weights)
+
+
+def weighted_cross_entropy(logits: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Weighted mean over samples of each sample's voxel-mean cross-entropy."""
+    onehot = _onehot_target(logits, target)
+    voxel_ce = -(onehot * torch.log_softmax(logits, dim=1)).sum(dim=1)
+    return weighted_mean(voxel_ce.flatten(1).mean(dim=1), weights)
+
+
+def weighted_dice_ce(logits: Tensor, target: Tensor, weights: Tensor | None = None, smooth: float = 1e-5) -> Tensor:
+    """Supervised segmentation loss: ``weighted_soft_dice_loss`` + ``weighted_cross_entropy``.
+
+    ``logits`` (B, C, Z, Y, X); ``target`` a class-index map (B, 1, Z, Y, X) / (B, Z, Y, X) or a one-hot (B, C, ...);
+    ``weights`` (B,) from ``sample_weights`` (None: all 1). A sample with weight 0 does not affect the loss.
+    """
+    return weighted_soft_dice_loss(logits, target, weights, smooth) + weighted_cross_entropy(logits, target, weights)
+
+
+# --------------------------------------------------------------------------------------------- scores
+
+
+def true_score(label_index: Tensor, score_scale: float = 1.0) -> Tensor:
+    """Target score (B,): number of calcium (non-background) voxels in the label patch / ``score_scale``.
+
+    Published: "score_volume", the voxel count (score_scale 1).
+    """
+    return (label_index > 0).flatten(1).sum(dim=1).to(torch.float32) / score_scale
+
+
+def soft_score(logits: Tensor, score_scale: float = 1.0) -> Tensor:
+    """Differentiable score (B,): sum over voxels of the foreground probability 1 - p_background, / ``score_scale``.
+
+    Computed as the sum of the foreground-class probabilities (equal to 1 - p_bg, without its float32 rounding
+    when p_bg ~ 1), so a confident all-background prediction scores ~0.
+    """
+    probs = torch.softmax(logits, dim=1)
+    return probs[:, 1:].sum(dim=1).flatten(1).sum(dim=1) / score_scale
+
+
+def score_regression_loss(pred_score: Tensor, true_score: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Weighted L1 between predicted and target scores (B,): sum_i w_i |pred_i - true_i| / sum_i w_i."""
+    return weighted_mean((pred_score.reshape(-1) - true_score.reshape(-1).to(pred_score.dtype)).abs(), weights)
+
+
+def score_consistency_loss(
+    student_logits_unlabeled: Tensor,
+    teacher_score_unlabeled: Tensor,
+    student_logits_labeled: Tensor,
+    true_score_labeled: Tensor,
+    weights_labeled: Tensor | None = None,
+    score_scale: float = 1.0,
+    score_weight: float = 1.0,
+) -> Tensor:
+    """Scoring-driven consistency L_C^s: the student's differentiable score must match the volume-level scores.
+
+    = score_weight * [ L1(soft_score(S(u)), teacher score of u)  +  weighted L1(soft_score(S(l)), true score of l) ].
+    The teacher score (its score head on the noisy unlabeled patch) is detached. Published ``score_weight``: 1e-6
+    with ``score_scale`` 1.
+    """
+    unlabeled = F.l1_loss(
+        soft_score(student_logits_unlabeled, score_scale),
+        teacher_score_unlabeled.detach().reshape(-1).to(student_logits_unlabeled.dtype),
+    )
+    labeled = score_regression_loss(
+        soft_score(student_logits_labeled, score_scale), true_score_labeled, weights_labeled
+    )
+    return score_weight * (unlabeled + labeled)
+
+
+def mask_consistency_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_score: Tensor,
+    teacher_score: Tensor,
+    score_weight: float = 1.0,
+) -> Tensor:
+    """Mask consistency L_C^m: MSE(student logits, teacher logits) + score_weight * L1(student score, teacher score).
+
+    Both on the unlabeled patch (the teacher sees it with ``teacher_noise``); teacher tensors are detached. The
+    scores are the score-head outputs. Published ``score_weight``: 1e-6 on voxel-count scores.
+    """
+    mse = F.mse_loss(student_logits, teacher_logits.detach())
+    l1 = F.l1_loss(student_score.reshape(-1), teacher_score.detach().reshape(-1).to(student_score.dtype))
+    return mse + score_weight * l1
+
+
+# --------------------------------------------------------------------------------------------- mean teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, step: int, decay: float = 0.99) -> float:
+    """Teacher <- a * teacher + (1 - a) * student with a = min(1 - 1 / (step + 1), decay); returns a.
+
+    ``step`` counts updates from 0, so step 0 copies the student (a = 0) and a reaches ``decay`` at step 99.
+    Parameters and floating-point buffers (BatchNorm running mean / variance) are averaged alike; integer buffers
+    (``num_batches_tracked``) are copied from the student. Keep the teacher in eval mode so its own forward passes
+    do not change its running statistics.
+    """
+    a = min(1.0 - 1.0 / (step + 1), decay)
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    t_buffers = dict(teacher.named_buffers())
+    s_buffers = dict(student.named_buffers())
+    if t_params.keys() != s_params.keys() or t_buffers.keys() != s_buffers.keys():
+        raise ValueError("teacher and student have different parameters or buffers")
+    for name, t in [*t_params.items(), *t_buffers.items()]:
+        s = s_params[name] if name in s_params else s_buffers[name]
+        if t.is_floating_point():
+            t.mul_(a).add_(s.detach().to(t.dtype), alpha=1.0 - a)
+        else:
+            t.copy_(s)
+    return a
+
+
+def teacher_noise(x: Tensor, std: float = 0.1, clip: float = 0.2, generator: torch.Generator | None = None) -> Tensor:
+    """Perturbed teacher input: x + clamp(N(0, std^2), -clip, clip) (in the units of the network input)."""
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) * std
+    return x + noise.clamp(-clip, clip)

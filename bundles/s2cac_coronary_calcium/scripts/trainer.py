@@ -1,0 +1,168 @@
+"""Mean-teacher training with scoring-driven consistency and negative-sample boosting (S2CAC).
+
+One iteration takes a labeled batch from the trainer's loader and an unlabeled batch from its own
+cycling loader. The student learns from the labels (weighted Dice + CE, and the score head
+against the calcium voxel count) and from the teacher on unlabeled patches (mask consistency and
+score consistency), the latter weighted by a ramp-up; calcium-free labeled patches are weighted
+by the negative-sample boost, which rises late in training. Both schedules run on the fraction
+of training done, so a short run is as semi-supervised as the published 500 epochs.
+The teacher is the EMA of the student; it is what validation scores and what is saved.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+
+from .losses import (
+    consistency_weight,
+    ema_update,
+    mask_consistency_loss,
+    negative_boost,
+    sample_weights,
+    score_consistency_loss,
+    score_regression_loss,
+    teacher_noise,
+    true_score,
+    weighted_dice_ce,
+)
+
+
+class MeanTeacherTrainer(SupervisedTrainer):
+    """SupervisedTrainer whose iteration is the S2CAC semi-supervised step.
+
+    ``network`` is a :class:`WithScore` (optionally inside DistributedDataParallel) around the student.
+    Extra arguments: ``teacher`` (a copy of the student network, updated by EMA), ``unlabeled_loader``
+    (None trains supervised-only, for the semi-supervised-gain comparison), ``score_scale``
+    (calcium voxels per score unit), the loss weights and the two schedules' parameters.
+    """
+
+    def __init__(
+        self,
+        *args,
+        teacher: torch.nn.Module,
+        unlabeled_loader: Iterable | None,
+        score_scale: float = 100.0,
+        score_weight: float = 0.1,
+        consistency_max: float = 0.1,
+        consistency_rampup: float = 0.2,
+        boost_alpha: float = 0.999,
+        boost_beta: float = 15.0,
+        boost_tau: float = 0.6,
+        ema_decay: float = 0.99,
+        noise_std: float = 0.03,
+        grad_clip: float = 12.0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.unlabeled_loader = unlabeled_loader
+        self._unlabeled = None
+        self.score_scale = score_scale
+        self.score_weight = score_weight
+        self.consistency_max = consistency_max
+        self.consistency_rampup = consistency_rampup
+        self.boost = (boost_alpha, boost_beta, boost_tau)
+        self.ema_decay = ema_decay
+        self.noise_std = noise_std
+        self.grad_clip = grad_clip
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def _next_unlabeled(self, device: torch.device) -> torch.Tensor | None:
+        if self.unlabeled_loader is None:
+            return None
+        if self._unlabeled is None:
+            if len(self.unlabeled_loader) == 0:
+                raise ValueError("no unlabeled cases: set unlabeled_batch 0 to train supervised-only")
+            self._unlabeled = iter(itertools.cycle(self.unlabeled_loader))
+        batch = next(self._unlabeled)
+        return batch[CommonKeys.IMAGE].to(device)
+
+    def progress(self, engine) -> float:
+        total = max(engine.state.epoch_length * engine.state.max_epochs, 1)
+        return min((engine.state.iteration - 1) / total, 1.0)
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        device = engine.state.device
+        image = batchdata[CommonKeys.IMAGE].to(device)
+        label = batchdata[CommonKeys.LABEL].to(device).long()
+        unlabeled = self._next_unlabeled(device)
+        p = self.progress(engine)
+        boost = negative_boost(p, *self.boost)
+        lam = consistency_weight(p, self.consistency_max, self.consistency_rampup) if unlabeled is not None else 0.0
+        has_calcium = label.flatten(1).amax(dim=1) > 0
+        weights = sample_weights(has_calcium, boost)
+        target = true_score(label, self.score_scale)
+
+        self.network.train()
+        self.teacher.eval()  # the EMA of the student, incl. its BN statistics; no dropout
+        self.optimizer.zero_grad(set_to_none=True)
+        # One forward over labeled and unlabeled patches together: DDP allows one forward per backward.
+        n = image.shape[0]
+        logits_all, score_all = self.network(image if unlabeled is None else torch.cat([image, unlabeled]))
+        logits, score = logits_all[:n], score_all[:n]
+        loss_seg = weighted_dice_ce(logits, label, weights)
+        loss_score = self.score_weight * score_regression_loss(score, target, weights)
+        loss = loss_seg + loss_score
+        out = {"loss_seg": loss_seg.item(), "loss_score": loss_score.item()}
+        if unlabeled is not None:
+            logits_u, score_u = logits_all[n:], score_all[n:]
+            with torch.no_grad():
+                noisy = teacher_noise(unlabeled, self.noise_std, 2 * self.noise_std)
+                t_logits_u, t_score_u = self.teacher.forward_with_score(noisy)
+            loss_mask_c = mask_consistency_loss(logits_u, t_logits_u, score_u, t_score_u, self.score_weight)
+            loss_score_c = score_consistency_loss(
+                logits_u, t_score_u, logits, target, weights, self.score_scale, self.score_weight
+            )
+            loss = loss + lam * (loss_mask_c + loss_score_c)
+            out.update(loss_mask_consistency=loss_mask_c.item(), loss_score_consistency=loss_score_c.item())
+        engine.state.output = {CommonKeys.IMAGE: image, CommonKeys.LABEL: label, CommonKeys.PRED: logits}
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        self.optimizer.step()
+        ema_update(self.teacher, _unwrap(self.network).net, engine.state.iteration - 1, self.ema_decay)
+        engine.state.output = {
+            CommonKeys.IMAGE: image,
+            CommonKeys.LABEL: label,
+            CommonKeys.PRED: logits.detach(),
+            CommonKeys.LOSS: loss.item(),
+            "consistency_weight": lam,
+            "negative_boost": boost,
+            **out,
+        }
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs the postprocessing on the final output
+        return engine.state.output
+
+
+class WithScore(torch.nn.Module):
+    """Training view of an S2CAC network: forward returns (logits, score), so DDP can wrap it."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.forward_with_score(x)
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel, or the network itself."""
+    return getattr(network, "module", network)
+
+
+def scalar_logs(output: dict) -> dict[str, float]:
+    """What StatsHandler / TensorBoard / MLflow log each iteration: the loss terms and both schedules."""
+    if isinstance(output, list):  # after postprocessing the output is decollated; scalars repeat per item
+        output = output[0]
+    keys = ("loss", "loss_seg", "loss_score", "loss_mask_consistency", "loss_score_consistency")
+    logs = {k: float(output[k]) for k in keys if k in output}
+    logs.update(consistency_weight=float(output["consistency_weight"]), negative_boost=float(output["negative_boost"]))
+    return logs
