@@ -90,18 +90,42 @@ def test_dice_and_ce_by_hand():
     assert float(L.weighted_dice_ce(logits, onehot)) == pytest.approx(1 - dice + ce, rel=1e-5)
 
 
-def test_dice_averages_foreground_classes_only():
+def test_dice_averages_the_vessels_present_and_merges_foreground_on_negatives():
     # 3 classes, 2 voxels; perfect confident prediction of class 1 at voxel 0, class 0 at voxel 1, class 2 absent
     logits = torch.full((1, 3, 1, 1, 2), -30.0)
     logits[0, 1, 0, 0, 0] = 30.0
     logits[0, 0, 0, 0, 1] = 30.0
     target = torch.tensor([1, 0]).reshape(1, 1, 1, 1, 2)
-    # class 1 Dice = 1; class 2 empty in both: smooth / smooth = 1
+    # only class 1 is present: its Dice is 1
     assert float(L.weighted_soft_dice_loss(logits, target)) == pytest.approx(0.0, abs=1e-5)
     assert float(L.weighted_cross_entropy(logits, target)) == pytest.approx(0.0, abs=1e-6)
-    # a calcium-free sample with a false-positive voxel: class 1 Dice ~0, class 2 Dice 1 -> loss ~0.5
+    # a wrong-vessel prediction scores 0 although class 2 (absent) was predicted nowhere
+    swapped = torch.tensor([2, 0]).reshape(1, 1, 1, 1, 2)
+    assert float(L.weighted_soft_dice_loss(logits, swapped)) == pytest.approx(1.0, abs=1e-4)
+    # a calcium-free sample: merged foreground Dice = smooth / (1 + smooth) with one false-positive voxel
     empty = torch.zeros_like(target)
-    assert float(L.weighted_soft_dice_loss(logits, empty)) == pytest.approx(0.5, abs=1e-4)
+    assert float(L.weighted_soft_dice_loss(logits, empty)) == pytest.approx(1.0, abs=1e-4)
+    # ... and 1 (loss 0) when nothing is predicted
+    background = torch.full((1, 3, 1, 1, 2), -30.0)
+    background[0, 0] = 30.0
+    assert float(L.weighted_soft_dice_loss(background, empty)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_dice_ignores_absent_vessels_in_positive_samples():
+    # 2 vessels present out of 4; the absent ones carry some probability but do not enter the Dice
+    torch.manual_seed(1)
+    target = torch.zeros(1, 1, 1, 4, 4, dtype=torch.long)
+    target[0, 0, 0, 0, :2] = 1
+    target[0, 0, 0, 1, :2] = 3
+    logits = torch.full((1, 5, 1, 4, 4), -5.0)
+    logits[:, 0] = 5.0
+    logits[0, 1, 0, 0, :2] = 10.0
+    logits[0, 3, 0, 1, :2] = 10.0
+    logits[0, 4, 0, 3, 3] = 4.0  # some mass in an absent vessel channel
+    loss = float(L.weighted_soft_dice_loss(logits, target))
+    p = torch.softmax(logits, 1)[0, :, 0]
+    dice = lambda c: float(2 * (p[c] * (target[0, 0, 0] == c)).sum() / (p[c].sum() + (target[0, 0, 0] == c).sum()))  # noqa: E731
+    assert loss == pytest.approx(1 - (dice(1) + dice(3)) / 2, abs=1e-4)
 
 
 def test_sample_weights_act_per_sample():

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+
+
+PATH_KEYS = {"image", "label", "truth", "dicom", "segments"}  # datalist keys that hold paths
 
 
 def load_split(dataset_dir: str, part: str, fold: int, datalist: str = "datalist.json") -> list[dict]:
@@ -26,15 +30,24 @@ def load_split(dataset_dir: str, part: str, fold: int, datalist: str = "datalist
             entries = [e for e in labeled if (e.get("fold") == fold) == (part == "validate")]
     else:
         raise ValueError(f"unknown part {part!r}: use train, validate, unlabeled or all")
-    keys = ("image", "label") if part != "unlabeled" else ("image",)
+    required = ("image", "label") if part != "unlabeled" else ("image",)
     out = []
     for e in entries:
         item = dict(e)
-        for k in keys:
+        for k in required:
             if k not in item:
                 raise ValueError(f"{path}: case {e.get('case_id', '?')} has no {k!r}")
+        for k in PATH_KEYS & item.keys():
             item[k] = item[k] if os.path.isabs(item[k]) else os.path.join(dataset_dir, item[k])
         out.append(item)
     if not out and part in ("train", "all"):
         raise ValueError(f"{path}: no labeled cases for part {part!r} with fold {fold}")
     return out
+
+
+def find_images(input_dir: str, pattern: str = "*.nii.gz") -> list[dict]:
+    """Inference datalist: files matching ``pattern`` anywhere under ``input_dir``; none is an error."""
+    files = sorted(glob.glob(os.path.join(input_dir, "**", pattern), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} files under {input_dir}")
+    return [{"image": f} for f in files]

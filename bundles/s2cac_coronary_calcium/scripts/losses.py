@@ -118,20 +118,28 @@ def _onehot_target(logits: Tensor, target: Tensor) -> Tensor:
 def weighted_soft_dice_loss(
     logits: Tensor, target: Tensor, weights: Tensor | None = None, smooth: float = 1e-5
 ) -> Tensor:
-    """1 - weighted mean over samples of the soft Dice, each sample's Dice averaged over the foreground channels.
+    """1 - weighted mean over samples of the soft Dice.
 
     Per sample i and foreground channel c (softmax probabilities p, one-hot y, sums over voxels):
-    Dice_ic = (2 sum p y + smooth) / (sum p + sum y + smooth). A calcium-free sample with no predicted foreground
-    has Dice ~1; any false-positive probability mass lowers it.
+    Dice_ic = (2 sum p y + smooth) / (sum p + sum y + smooth). A sample's Dice is the mean over the vessel
+    channels present in its target; a calcium-free sample (the published binary case) uses all foreground
+    merged, so any false-positive probability mass lowers it. Averaging absent channels instead would
+    give every positive sample a loss near 1 from the vessels it does not contain, whatever it predicts.
     """
     onehot = _onehot_target(logits, target)
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = onehot[:, 1:]
     dims = tuple(range(2, logits.dim()))
-    intersection = (probs * onehot).sum(dims)
-    denominator = probs.sum(dims) + onehot.sum(dims)
-    dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
-    return 1.0 - weighted_mean(dice.mean(dim=1), weights)
+
+    def dice(p: Tensor, y: Tensor) -> Tensor:
+        return (2.0 * (p * y).sum(dims) + smooth) / (p.sum(dims) + y.sum(dims) + smooth).clamp_min(1e-8)
+
+    per_channel = dice(probs, onehot)  # (B, C-1)
+    present = (onehot.sum(dims) > 0).to(per_channel.dtype)
+    n_present = present.sum(dim=1)
+    positive = (per_channel * present).sum(dim=1) / n_present.clamp_min(1.0)
+    merged = dice(probs.sum(dim=1, keepdim=True), onehot.sum(dim=1, keepdim=True))[:, 0]
+    return 1.0 - weighted_mean(torch.where(n_present > 0, positive, merged), weights)
 
 
 def weighted_cross_entropy(logits: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:

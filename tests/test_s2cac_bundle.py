@@ -1,0 +1,148 @@
+"""The S2CAC bundle's README commands, run as a user types them, on a few small phantoms."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, SHARED
+
+from bundles.s2cac_coronary_calcium.scripts.losses import consistency_weight, negative_boost
+
+BUNDLE = ROOT / "bundles" / "s2cac_coronary_calcium"
+CONFIGS = BUNDLE / "configs"
+# A smoke run: tiny patches, one epoch, one validation.
+SMOKE = [
+    "--max_epochs", "1", "--val_interval", "1", "--patch_size", "[8, 48, 48]", "--batch_size", "1",
+    "--num_samples", "1", "--unlabeled_batch", "1", "--cache_rate", "0",
+]  # fmt: skip
+
+
+def bundle_cmd(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    r = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_chest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_chest")
+    cmd = [sys.executable, str(ROOT / "scripts" / "make_phantoms.py"), "chest", "--num", "10", "--out", str(out)]
+    cmd += ["--seed", "5", "--thickness", "3.0", "--unlabeled-fraction", "0.4"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_chest, tmp_path_factory) -> Path:
+    """One short semi-supervised epoch with MLflow tracking; returns the run folder."""
+    run = tmp_path_factory.mktemp("s2cac_run")
+    r = bundle_cmd(
+        "run", "training", "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(tiny_chest),
+        "--output_dir", str(run), "--ckpt_dir", str(run / "models"), "--tracking", "mlflow", *SMOKE,
+    )  # fmt: skip
+    (run / "train.log").write_text(r.stdout + r.stderr)
+    return run
+
+
+def test_training_smoke_run_writes_checkpoint_logs_and_schedules(trained):
+    assert (trained / "models" / "model.pt").is_file()
+    assert list(trained.glob("events.out.tfevents.*")), "TensorBoard events"
+    log = (trained / "train.log").read_text()
+    assert "consistency_weight" in log and "negative_boost" in log
+    assert "val_mean_dice" in log
+    assert (trained / "mlruns.db").is_file() or list(trained.glob("mlruns*")), "MLflow tracking store"
+
+
+def first_progress_reaching(fn, fraction: float) -> float:
+    """The first fraction of training at which ``fn`` reaches ``fraction`` of its final value."""
+    progress = np.linspace(0, 1, 1001)
+    values = np.array([fn(p) for p in progress])
+    return float(progress[np.argmax(values >= fraction * values[-1])])
+
+
+def test_shipped_schedules_reach_90_percent_within_training():
+    cfg = yaml.safe_load((CONFIGS / "train.yaml").read_text())
+    boost = lambda p: negative_boost(p, cfg["boost_alpha"], cfg["boost_beta"], cfg["boost_tau"])  # noqa: E731
+    cons = lambda p: consistency_weight(p, cfg["consistency_max"], cfg["consistency_rampup"])  # noqa: E731
+    assert boost(1.0) > 0.99
+    assert cons(1.0) == pytest.approx(cfg["consistency_max"])
+    assert first_progress_reaching(boost, 0.9) < 0.8
+    assert first_progress_reaching(cons, 0.9) < 0.25
+
+
+def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_chest, tmp_path):
+    out = tmp_path / "pred"
+    bundle_cmd(
+        "run", "--config_file", str(CONFIGS / "inference.yaml"), "--input_dir", str(tiny_chest),
+        "--input_glob", "chest_0005_0000[01]/image.nii.gz", "--output_dir", str(out),
+        "--model_file", str(trained / "models" / "model.pt"), "--patch_size", "[8, 48, 48]",
+    )  # fmt: skip
+    for case in ("chest_0005_00000", "chest_0005_00001"):
+        image = nib.load(tiny_chest / case / "image.nii.gz")
+        pred = nib.load(out / case / "image_seg.nii.gz")
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-3)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3, 4}
+
+
+def test_inference_with_no_inputs_fails_clearly(trained, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
+         "--input_dir", str(tmp_path), "--model_file", str(trained / "models" / "model.pt")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "no *.nii.gz files under" in r.stdout + r.stderr
+
+
+def test_ckpt_export_gives_torchscript_that_runs_without_bundle_code(trained, tmp_path):
+    ts = tmp_path / "model.ts"
+    bundle_cmd(
+        "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(trained / "models" / "model.pt"),
+        "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.yaml"),
+        env={"PYTHONPATH": str(BUNDLE)},
+    )  # fmt: skip
+    probe = (
+        "import sys, torch; sys.path = [p for p in sys.path if 'bundles' not in p and p not in ('', '.')];"
+        f"m = torch.jit.load({str(ts)!r}); x = torch.rand(1, 1, 8, 48, 48);"
+        "y = m(x); l, s = m.forward_with_score(x); print(tuple(y.shape), tuple(s.shape))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "(1, 5, 8, 48, 48) (1,)" in r.stdout
+
+
+def test_metadata_verifies_offline_against_the_schema(tmp_path):
+    schema = SHARED / "data" / "monai" / "meta_schema_20240725.json"
+    local = tmp_path / schema.name
+    shutil.copy(schema, local)
+    r = bundle_cmd("verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(local))
+    assert "metadata is verified with no error" in r.stdout + r.stderr
+
+
+def test_two_cpu_processes_train_with_ddp_on_gloo(tiny_chest, tmp_path):
+    configs = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--config_file", configs, "--dataset_dir", str(tiny_chest),
+        "--output_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "models"), *SMOKE,
+        "--fold", "3",  # every split needs at least one case per process: fold 3 validates on 2
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    log = r.stdout + r.stderr
+    assert "process 0 of 2, backend gloo" in log and "process 1 of 2, backend gloo" in log
