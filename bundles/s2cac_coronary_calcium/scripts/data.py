@@ -6,7 +6,6 @@ import glob
 import json
 import os
 
-
 PATH_KEYS = {"image", "label", "truth", "dicom", "segments"}  # datalist keys that hold paths
 
 
