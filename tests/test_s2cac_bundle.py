@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,13 +133,14 @@ def test_metadata_verifies_offline_against_the_schema(tmp_path):
     assert "metadata is verified with no error" in r.stdout + r.stderr
 
 
-def test_two_cpu_processes_train_with_ddp_on_gloo(tiny_chest, tmp_path):
+def test_two_cpu_processes_fine_tune_with_ddp_on_gloo(trained, tiny_chest, tmp_path):
     configs = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training", "--config_file", configs, "--dataset_dir", str(tiny_chest),
         "--output_dir", str(tmp_path), "--ckpt_dir", str(tmp_path / "models"), *SMOKE,
         "--fold", "3",  # every split needs at least one case per process: fold 3 validates on 2
+        "--pretrained", str(trained / "models" / "model.pt"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, check=False)
@@ -146,3 +148,25 @@ def test_two_cpu_processes_train_with_ddp_on_gloo(tiny_chest, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     log = r.stdout + r.stderr
     assert "process 0 of 2, backend gloo" in log and "process 1 of 2, backend gloo" in log
+
+
+def test_evaluating_writes_a_report_with_intervals_and_targets(trained, tiny_chest):
+    out = trained / "eval_run"
+    configs = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'evaluate.yaml'}']"
+    r = bundle_cmd(
+        "run", "evaluating", "--config_file", configs, "--eval_dataset_dir", str(tiny_chest),
+        "--model_file", str(trained / "models" / "model.pt"), "--output_dir", str(out), "--n_boot", "50",
+        "--patch_size", "[16, 96, 96]",
+    )  # fmt: skip
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    summary = report["summary"]
+    labeled = json.loads((tiny_chest / "datalist.json").read_text())["training"]
+    assert summary["n_cases"] == len(labeled) == len(report["cases"])
+    icc = summary["overall"]["agatston_icc"]
+    assert set(icc) >= {"estimate", "low", "high", "n"}
+    assert set(summary["targets_met"]) == {"agatston_icc", "risk_weighted_kappa", "vessel_assignment"}
+    assert "Release targets" in (out / "evaluation" / "evaluation.md").read_text()
+    assert "Agatston ICC" in r.stdout + r.stderr
+    for case in labeled:
+        pred = nib.load(out / "evaluation" / case["case_id"] / "image_seg.nii.gz")
+        assert pred.shape == nib.load(tiny_chest / case["image"]).shape
