@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from phantoms.chest import VESSELS, ChestAnatomy, coronary_lesions, make_chest_case
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phantoms.lung import CLASSES, LUNG_WINDOW_HU, make_lung_patient, write_lung_patient
 from PIL import Image
 from scipy import ndimage
+
+from phantoms.lung import CLASSES, LUNG_WINDOW_HU, make_lung_patient, write_lung_patient
 
 SEED = 0
 N_PATIENTS = 6

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from phantoms.dicom_series import read_ct_series
 from phantoms.geometry import LPS_TO_RAS
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from phantoms import physics
 from phantoms.case import Sampler, finish_case
 from phantoms.geometry import Grid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from phantoms.chest import make_chest_case
 from phantoms.dicom_series import read_ct_series
 from phantoms.realism import tissue_stats

@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, SHARED
 
 from bundles.s2cac_coronary_calcium.scripts.losses import consistency_weight, negative_boost
+from conftest import ROOT, SHARED
 
 BUNDLE = ROOT / "bundles" / "s2cac_coronary_calcium"
 CONFIGS = BUNDLE / "configs"
@@ -170,3 +170,20 @@ def test_evaluating_writes_a_report_with_intervals_and_targets(trained, tiny_che
     for case in labeled:
         pred = nib.load(out / "evaluation" / case["case_id"] / "image_seg.nii.gz")
         assert pred.shape == nib.load(tiny_chest / case["image"]).shape
+
+
+def test_shipped_weights_find_no_coronary_calcium_on_the_real_abdominal_ct(real_ct_dir, tmp_path):
+    """The real series is contrast-enhanced abdomen with bone: far above 130 HU, but no coronary calcium."""
+    from bundles.s2cac_coronary_calcium.scripts.scoring import score_nifti
+    from phantoms.dicom_series import read_ct_series
+
+    volume, grid, _ = read_ct_series(real_ct_dir)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0).astype(np.int16), grid.affine_ras()), inputs / "real.nii.gz")
+    assert (volume > 300).sum() > 10000, "bone and contrast well above the calcium threshold"
+    bundle_cmd("run", "--config_file", str(CONFIGS / "inference.yaml"), "--input_dir", str(inputs),
+               "--output_dir", str(tmp_path / "out"))  # fmt: skip
+    score = score_nifti(inputs / "real.nii.gz", tmp_path / "out" / "real_seg.nii.gz")
+    assert score.total.agatston == 0.0
+    assert score.risk_category == "0"
