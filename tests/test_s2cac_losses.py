@@ -263,3 +263,20 @@ def test_teacher_noise_bounds():
     torch.testing.assert_close(noisy, again, rtol=0, atol=0)
     wide = L.teacher_noise(x, std=0.1, clip=10.0, generator=torch.Generator().manual_seed(1)) - x
     assert float(wide.std()) == pytest.approx(0.1, rel=0.03)
+
+
+def test_balanced_cross_entropy_weighs_calcium_like_background():
+    # 1 calcium voxel among 100: a confident all-background prediction costs ~0 in plain CE, ~log(1/p) balanced
+    logits = torch.zeros(1, 2, 1, 10, 10)
+    logits[:, 0] = 8.0
+    target = torch.zeros(1, 1, 1, 10, 10, dtype=torch.long)
+    target[0, 0, 0, 0, 0] = 1
+    voxel_ce_fg = float(-torch.log_softmax(logits, 1)[0, 1, 0, 0, 0])
+    voxel_ce_bg = float(-torch.log_softmax(logits, 1)[0, 0, 0, 0, 1])
+    plain = float(L.weighted_cross_entropy(logits, target))
+    balanced = float(L.weighted_cross_entropy(logits, target, balanced=True))
+    assert plain == pytest.approx((voxel_ce_fg + 99 * voxel_ce_bg) / 100, rel=1e-5)
+    assert balanced == pytest.approx(voxel_ce_fg + voxel_ce_bg, rel=1e-5)
+    # a calcium-free sample: balanced equals the plain mean
+    empty = torch.zeros_like(target)
+    assert float(L.weighted_cross_entropy(logits, empty, balanced=True)) == pytest.approx(voxel_ce_bg, rel=1e-5)

@@ -142,20 +142,38 @@ def weighted_soft_dice_loss(
     return 1.0 - weighted_mean(torch.where(n_present > 0, positive, merged), weights)
 
 
-def weighted_cross_entropy(logits: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Weighted mean over samples of each sample's voxel-mean cross-entropy."""
+def weighted_cross_entropy(
+    logits: Tensor, target: Tensor, weights: Tensor | None = None, balanced: bool = False
+) -> Tensor:
+    """Weighted mean over samples of each sample's voxel-mean cross-entropy.
+
+    ``balanced``: a sample's CE is the mean over its background voxels plus the mean over its calcium
+    voxels (background only when it has none). Calcium fills ~1e-4 of a patch: with a plain mean the
+    network learns "all background" first and its softmax saturates there, where neither Dice nor CE
+    has gradient left to pull it out.
+    """
     onehot = _onehot_target(logits, target)
-    voxel_ce = -(onehot * torch.log_softmax(logits, dim=1)).sum(dim=1)
-    return weighted_mean(voxel_ce.flatten(1).mean(dim=1), weights)
+    voxel_ce = -(onehot * torch.log_softmax(logits, dim=1)).sum(dim=1).flatten(1)
+    if not balanced:
+        return weighted_mean(voxel_ce.mean(dim=1), weights)
+    fg = (1.0 - onehot[:, 0]).flatten(1)
+    n_fg = fg.sum(dim=1)
+    bg_ce = (voxel_ce * (1 - fg)).sum(dim=1) / (1 - fg).sum(dim=1).clamp_min(1.0)
+    fg_ce = (voxel_ce * fg).sum(dim=1) / n_fg.clamp_min(1.0)
+    return weighted_mean(bg_ce + torch.where(n_fg > 0, fg_ce, torch.zeros_like(fg_ce)), weights)
 
 
-def weighted_dice_ce(logits: Tensor, target: Tensor, weights: Tensor | None = None, smooth: float = 1e-5) -> Tensor:
+def weighted_dice_ce(
+    logits: Tensor, target: Tensor, weights: Tensor | None = None, smooth: float = 1e-5, balanced: bool = False
+) -> Tensor:
     """Supervised segmentation loss: ``weighted_soft_dice_loss`` + ``weighted_cross_entropy``.
 
     ``logits`` (B, C, Z, Y, X); ``target`` a class-index map (B, 1, Z, Y, X) / (B, Z, Y, X) or a one-hot (B, C, ...);
     ``weights`` (B,) from ``sample_weights`` (None: all 1). A sample with weight 0 does not affect the loss.
+    ``balanced`` selects the class-balanced cross-entropy.
     """
-    return weighted_soft_dice_loss(logits, target, weights, smooth) + weighted_cross_entropy(logits, target, weights)
+    dice = weighted_soft_dice_loss(logits, target, weights, smooth)
+    return dice + weighted_cross_entropy(logits, target, weights, balanced)
 
 
 # --------------------------------------------------------------------------------------------- scores

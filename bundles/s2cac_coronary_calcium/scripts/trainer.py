@@ -57,6 +57,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         ema_decay: float = 0.99,
         noise_std: float = 0.03,
         grad_clip: float = 12.0,
+        balanced_ce: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -71,6 +72,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.ema_decay = ema_decay
         self.noise_std = noise_std
         self.grad_clip = grad_clip
+        self.balanced_ce = balanced_ce
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -107,7 +109,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         n = image.shape[0]
         logits_all, score_all = self.network(image if unlabeled is None else torch.cat([image, unlabeled]))
         logits, score = logits_all[:n], score_all[:n]
-        loss_seg = weighted_dice_ce(logits, label, weights)
+        loss_seg = weighted_dice_ce(logits, label, weights, balanced=self.balanced_ce)
         loss_score = self.score_weight * score_regression_loss(score, target, weights)
         loss = loss_seg + loss_score
         out = {"loss_seg": loss_seg.item(), "loss_score": loss_score.item()}
