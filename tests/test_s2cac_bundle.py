@@ -192,3 +192,18 @@ def test_shipped_weights_find_no_coronary_calcium_on_the_real_abdominal_ct(real_
     score = score_nifti(inputs / "real.nii.gz", tmp_path / "out" / "real_seg.nii.gz")
     assert score.total.agatston == 0.0
     assert score.risk_category == "0"
+
+
+def test_supervised_only_run_for_the_semi_supervised_gain_comparison(tmp_path):
+    """--unlabeled_batch 0 trains on labeled cases only, also when the datalist has no unlabeled cases."""
+    data = tmp_path / "data"
+    cmd = [sys.executable, str(ROOT / "scripts" / "make_phantoms.py"), "chest", "--num", "4", "--out", str(data)]
+    subprocess.run([*cmd, "--seed", "8", "--thickness", "3.0", "--folds", "2"], check=True, capture_output=True)
+    r = bundle_cmd(
+        "run", "training", "--config_file", str(CONFIGS / "train.yaml"), "--dataset_dir", str(data),
+        "--output_dir", str(tmp_path / "run"), "--ckpt_dir", str(tmp_path / "models"), *SMOKE,
+        "--unlabeled_batch", "0",
+    )  # fmt: skip
+    assert (tmp_path / "models" / "model.pt").is_file()
+    log = r.stdout + r.stderr
+    assert "consistency_weight: 0.0000" in log and "loss_mask_consistency" not in log
