@@ -13,7 +13,7 @@ from . import physics
 from .case import Case, Sampler, finish_case, lesion_on_tube
 from .geometry import Grid
 from .physics import TISSUE_HU, Lesion, Scanner
-from .shapes import Tube, ellipse_cylinder, ellipsoid, paint_tube, ramp
+from .shapes import Tube, distance_to_walls, ellipse_cylinder, ellipsoid, paint_tube, ramp
 
 VESSELS = {1: "LM", 2: "LAD", 3: "LCX", 4: "RCA"}
 SIZES = {"small": (128, (1.1, 1.3)), "full": (512, (0.3, 0.8))}  # matrix, pixel range (mm)
@@ -277,14 +277,7 @@ def make_chest_case(
     hu = anatomy.paint(grid, scanner, tubes)
 
     def underlying(xyz: np.ndarray) -> np.ndarray:
-        best = np.full(len(xyz), np.inf)
-        centre = xyz.mean(axis=0)
-        extent = float(np.linalg.norm(xyz - centre, axis=1).max())
-        for tube in (*tubes.values(), anatomy.aorta):
-            if tube.nearest(centre[None])[0][0] > extent + float(tube.radii.max()) + 1.0:
-                continue  # this vessel cannot reach any of the points
-            dist, idx = tube.nearest(xyz)
-            best = np.minimum(best, dist - tube.radii[idx])
+        best = distance_to_walls(xyz, (*tubes.values(), anatomy.aorta))
         return TISSUE_HU["fat"] + (TISSUE_HU["blood"] - TISSUE_HU["fat"]) * ramp(best, 0.2)
 
     lesions, facts = coronary_lesions(rng, tubes)

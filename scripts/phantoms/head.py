@@ -18,7 +18,7 @@ from . import physics
 from .case import Case, Sampler, finish_case, lesion_on_tube
 from .geometry import Grid
 from .physics import TISSUE_HU, Lesion, Scanner
-from .shapes import Tube, ellipse_cylinder, ellipsoid, paint_tube, ramp
+from .shapes import Tube, distance_to_walls, ellipse_cylinder, ellipsoid, paint_tube, ramp
 
 SIDES = ("right", "left")
 SEGMENTS = ("cervical", "petrous", "cavernous", "supraclinoid")
@@ -421,10 +421,7 @@ def make_head_case(
     bone_p = physics.bone_hu("petrous", scanner.kvp)
 
     def underlying(xyz: np.ndarray) -> np.ndarray:
-        best = np.full(len(xyz), np.inf)
-        for tube, _, _ in tubes.values():
-            dist, i = tube.nearest(xyz)
-            best = np.minimum(best, dist - tube.radii[i])
+        best = distance_to_walls(xyz, [tube for tube, _, _ in tubes.values()])
         pet = anatomy.petrous_occupancy(anatomy.to_local(xyz), 0.2)
         base = TISSUE_HU["soft_tissue"] + (bone_p - TISSUE_HU["soft_tissue"]) * pet
         return base + (TISSUE_HU["blood"] - base) * ramp(best, 0.2)

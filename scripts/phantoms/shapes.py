@@ -74,6 +74,22 @@ class Tube:
         return dist, idx
 
 
+def distance_to_walls(xyz: np.ndarray, tubes) -> np.ndarray:
+    """Signed distance (mm, negative inside) from points (N, 3) to the wall of the nearest tube.
+
+    Tubes whose centreline cannot come within reach of the points are skipped.
+    """
+    best = np.full(len(xyz), np.inf)
+    centre = xyz.mean(axis=0)
+    extent = float(np.linalg.norm(xyz - centre, axis=1).max())
+    for tube in tubes:
+        if tube.nearest(centre[None])[0][0] > extent + float(tube.radii.max()) + 1.0:
+            continue
+        dist, idx = tube.nearest(xyz)
+        best = np.minimum(best, dist - tube.radii[idx])
+    return best
+
+
 def paint_tube(
     grid: Grid, tube: Tube, edge_mm: float, out_occ: np.ndarray, out_index: np.ndarray | None = None, chunk_mm=8.0
 ):
