@@ -44,7 +44,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .scoring import CALCIUM_THRESHOLD_HU, DEFAULT_LABEL_NAMES, RISK_CATEGORIES, load_nifti_pair, score_calcium
+from .scoring import (
+    CALCIUM_THRESHOLD_HU,
+    DEFAULT_LABEL_NAMES,
+    RISK_CATEGORIES,
+    bounding_box,
+    load_nifti_pair,
+    score_calcium,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -212,17 +219,6 @@ def _density_band(density: float | None) -> str:
     return DENSITY_BANDS[2]
 
 
-def _crop_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(box)
-
-
 def _majority(component: np.ndarray, label: np.ndarray, n_comp: int, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
     """Per component 1..n_comp: (majority label, voxel count) over the given voxels; ties go to the lower label."""
     counts = np.bincount(component * n_keys + label, minlength=(n_comp + 1) * n_keys).reshape(n_comp + 1, n_keys)
@@ -318,7 +314,7 @@ def evaluate_case(
     n_ref = n_pred = tp_ref = tp_pred = 0
     dice: dict[str, float | None] = {name: None for name in names.values()}
     lesions: list[dict[str, Any]] = []
-    box = _crop_box((true != 0) | (pred != 0))
+    box = bounding_box((true != 0) | (pred != 0))
     if box is not None:
         img, t_lab, p_lab = image[box], true[box].astype(np.intp), pred[box].astype(np.intp)
         conf = np.bincount((t_lab * n_keys + p_lab).ravel(), minlength=n_keys * n_keys).reshape(n_keys, n_keys)

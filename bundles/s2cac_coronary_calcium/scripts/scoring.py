@@ -255,7 +255,7 @@ def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _nonzero_bbox(nonzero: np.ndarray) -> tuple[slice, slice, slice] | None:
+def bounding_box(nonzero: np.ndarray) -> tuple[slice, slice, slice] | None:
     """Bounding box of a 3D boolean array, or None when it is all False."""
     ks = np.flatnonzero(nonzero.reshape(nonzero.shape[0], -1).any(axis=1))
     if ks.size == 0:
@@ -370,7 +370,7 @@ def score_calcium(
     hu_sum = np.zeros(n_keys)
 
     nonzero = labels != 0
-    box = _nonzero_bbox(nonzero)
+    box = bounding_box(nonzero)
     if box is not None:
         lab, nz, img = labels[box], nonzero[box], image[box]
         _check_label_values(lab, nz, names)
