@@ -111,9 +111,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--first", type=int, default=0, help="index of the first case, to extend a dataset (default 0)")
         s.add_argument(
             "--size",
-            choices=["small", "full"],
+            choices=["small", "full"] if kind == "lung" else ["small", "medium", "full"],
             default="small",
-            help="small: 128x128 (64x64 for lung), quick, for tests and CPU training; full: 512x512 (default small)",
+            help="small: 128x128 (64x64 for lung), quick, for tests and CPU training; medium: 256x256 around the "
+            "heart or the ICAs, for GPU training; full: 512x512 (default small)",
         )
         s.add_argument("--workers", type=int, default=1, help="parallel processes; output does not depend on it")
         if kind == "lung":

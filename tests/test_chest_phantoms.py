@@ -96,3 +96,13 @@ def test_forced_thickness_and_coverage_of_the_heart(thickness):
     assert case.truth["scanner"]["thickness_mm"] == thickness
     extent = case.grid.shape[0] * case.grid.increment_mm
     assert extent > 150.0, "the scan covers the heart from base to apex with margins"
+
+
+def test_medium_size_is_a_cardiac_field_of_view_holding_every_lesion():
+    for index in range(3):
+        case = make_chest_case(0, index, "medium")
+        assert case.grid.shape[1:] == (256, 256)
+        assert 0.55 <= case.grid.pixel_mm <= 0.7
+        assert all(lesion["in_field_of_view"] for lesion in case.truth["lesions"])
+        labelled = {int(v) for v in np.unique(case.arrays["label"]) if v}
+        assert labelled == {les["label"] for les in case.truth["lesions"] if les["labelled_voxels"]}

@@ -212,3 +212,11 @@ def test_bad_arguments():
         make_head_case(0, 0, size="huge")
     with pytest.raises(ValueError):
         make_head_case(0, 0, calcium="middle")
+
+
+def test_medium_size_holds_both_icas_and_their_calcium():
+    case = make_head_case(0, 3, "medium", calcium="both")
+    assert case.grid.shape[1:] == (256, 256)
+    assert 0.5 <= case.grid.pixel_mm <= 0.6
+    assert {int(v) for v in np.unique(case.arrays["segments"]) if v} >= {2, 3, 4, 6, 7, 8}, "petrous to supraclinoid"
+    assert case.arrays["label"].any()

@@ -16,7 +16,8 @@ from .physics import TISSUE_HU, Lesion, Scanner
 from .shapes import Tube, distance_to_walls, ellipse_cylinder, ellipsoid, paint_tube, ramp
 
 VESSELS = {1: "LM", 2: "LAD", 3: "LCX", 4: "RCA"}
-SIZES = {"small": (128, (1.1, 1.3)), "full": (512, (0.3, 0.8))}  # matrix, pixel range (mm)
+# matrix, pixel range (mm); medium is a cardiac field of view (141-179 mm), for GPU training and evaluation
+SIZES = {"small": (128, (1.1, 1.3)), "medium": (256, (0.55, 0.7)), "full": (512, (0.3, 0.8))}
 
 
 def unit(v) -> np.ndarray:

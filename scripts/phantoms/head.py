@@ -24,12 +24,14 @@ SIDES = ("right", "left")
 SEGMENTS = ("cervical", "petrous", "cavernous", "supraclinoid")
 BOUNDARIES = ("cervical_petrous", "petrous_cavernous", "cavernous_supraclinoid")
 SEGMENT_NAMES = {str(1 + s * 4 + g): f"{side} {seg}" for s, side in enumerate(SIDES) for g, seg in enumerate(SEGMENTS)}
-SIZES = {"small": (128, (1.6, 1.8)), "full": (512, (0.4, 0.5))}  # matrix, pixel range (mm)
+# matrix, pixel range (mm); medium is a skull-base field of view (128-154 mm) around both ICAs
+SIZES = {"small": (128, (1.6, 1.8)), "medium": (256, (0.5, 0.6)), "full": (512, (0.4, 0.5))}
 THICKNESSES = {
     "small": ([1.25, 2.0, 2.5, 3.0, 5.0], [0.15, 0.15, 0.2, 0.2, 0.3]),
+    "medium": ([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0], [0.1, 0.15, 0.15, 0.15, 0.15, 0.1, 0.2]),
     "full": ([0.5, 0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0], [0.05, 0.1, 0.15, 0.15, 0.1, 0.15, 0.1, 0.2]),
 }
-MAX_SLICES = {"small": 96, "full": 200}
+MAX_SLICES = {"small": 96, "medium": 160, "full": 200}
 CALCIUM_MODES = (None, "none", "right", "left", "both")
 # Segment of a plaque: mostly cavernous and supraclinoid (65 %), some petrous and cervical.
 SEGMENT_P = (0.12, 0.23, 0.40, 0.25)
