@@ -125,12 +125,31 @@ def test_ckpt_export_gives_torchscript_that_runs_without_bundle_code(trained, tm
     assert "(1, 5, 8, 48, 48) (1,)" in r.stdout
 
 
-def test_metadata_verifies_offline_against_the_schema(tmp_path):
+@pytest.mark.parametrize("meta", ["metadata.json", "metadata_ica.json"])
+def test_metadata_verifies_offline_against_the_schema(tmp_path, meta):
     schema = SHARED / "data" / "monai" / "meta_schema_20240725.json"
     local = tmp_path / schema.name
     shutil.copy(schema, local)
-    r = bundle_cmd("verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(local))
+    r = bundle_cmd("verify_metadata", "--meta_file", str(CONFIGS / meta), "--filepath", str(local))
     assert "metadata is verified with no error" in r.stdout + r.stderr
+
+
+def test_ica_layers_describe_a_binary_network_with_its_own_weights():
+    from monai.bundle import ConfigParser
+
+    train = ConfigParser()
+    train.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "train_ica.yaml")])
+    infer = ConfigParser()
+    infer.read_config([str(CONFIGS / "inference.yaml"), str(CONFIGS / "inference_ica.yaml")])
+    meta = json.loads((CONFIGS / "metadata_ica.json").read_text())
+    channels = meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    assert train["num_classes"] == infer["num_classes"] == channels == 2
+    assert train["pixdim"] == infer["pixdim"] and train["patch_size"] == infer["patch_size"]
+    assert train["ckpt_name"] == "model_ica.pt"
+    assert infer.get_parsed_content("model_file").endswith("/models/model_ica.pt")
+    coronary = ConfigParser()
+    coronary.read_config([str(CONFIGS / "train.yaml")])
+    assert coronary["ckpt_name"] == "model.pt" and coronary["num_classes"] == 5
 
 
 def test_two_cpu_processes_fine_tune_with_ddp_on_gloo(trained, tiny_chest, tmp_path):

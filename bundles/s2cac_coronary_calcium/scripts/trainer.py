@@ -12,9 +12,12 @@ The teacher is the EMA of the student; it is what validation scores and what is 
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from collections.abc import Iterable
 
 import torch
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
@@ -31,6 +34,8 @@ from .losses import (
     true_score,
     weighted_dice_ce,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class MeanTeacherTrainer(SupervisedTrainer):
@@ -86,6 +91,10 @@ class MeanTeacherTrainer(SupervisedTrainer):
         batch = next(self._unlabeled)
         return batch[CommonKeys.IMAGE].to(device)
 
+    def _autocast(self, device: torch.device):
+        """bfloat16 forward passes when ``amp`` is set (no loss scaling needed); losses stay float32."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(self.amp))
+
     def progress(self, engine) -> float:
         total = max(engine.state.epoch_length * engine.state.max_epochs, 1)
         return min((engine.state.iteration - 1) / total, 1.0)
@@ -107,7 +116,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         # One forward over labeled and unlabeled patches together: DDP allows one forward per backward.
         n = image.shape[0]
-        logits_all, score_all = self.network(image if unlabeled is None else torch.cat([image, unlabeled]))
+        with self._autocast(device):
+            logits_all, score_all = self.network(image if unlabeled is None else torch.cat([image, unlabeled]))
+        logits_all, score_all = logits_all.float(), score_all.float()
         logits, score = logits_all[:n], score_all[:n]
         loss_seg = weighted_dice_ce(logits, label, weights, balanced=self.balanced_ce)
         loss_score = self.score_weight * score_regression_loss(score, target, weights)
@@ -115,9 +126,10 @@ class MeanTeacherTrainer(SupervisedTrainer):
         out = {"loss_seg": loss_seg.item(), "loss_score": loss_score.item()}
         if unlabeled is not None:
             logits_u, score_u = logits_all[n:], score_all[n:]
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast(device):
                 noisy = teacher_noise(unlabeled, self.noise_std, 2 * self.noise_std)
                 t_logits_u, t_score_u = self.teacher.forward_with_score(noisy)
+            t_logits_u, t_score_u = t_logits_u.float(), t_score_u.float()
             loss_mask_c = mask_consistency_loss(logits_u, t_logits_u, score_u, t_score_u, self.score_weight)
             loss_score_c = score_consistency_loss(
                 logits_u, t_score_u, logits, target, weights, self.score_scale, self.score_weight
@@ -153,6 +165,60 @@ class WithScore(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.forward_with_score(x)
+
+
+class TimeBudget:
+    """Fit the number of epochs to a wall-clock budget (seconds), e.g. a GPU lease of fixed length.
+
+    After each of the first epochs, the epoch count is set to what the budget allows at the mean
+    epoch time so far (validations included); once 10 % of the run is done it is frozen, so the
+    schedules, which run on the fraction of training done, keep a fixed length from then on. The
+    polynomial learning-rate schedule is stretched to the same length, never beyond the configured
+    ``max_epochs``. The count is a multiple of ``multiple_of`` (the validation interval), so that the
+    last epoch is validated and can be checkpointed. Under DDP rank 0's count is broadcast, so every
+    process stops at the same epoch. ``budget_s`` None does nothing.
+    """
+
+    def __init__(self, budget_s: float | None, lr_scheduler=None, multiple_of: int = 1, freeze_at: float = 0.1):
+        self.budget_s = budget_s
+        self.multiple_of = max(int(multiple_of), 1)
+        self.lr_scheduler = lr_scheduler
+        self.freeze_at = freeze_at
+        self.frozen = False
+        self.start = 0.0
+        self.max_epochs = 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.budget_s:
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._fit)
+
+    def _started(self, engine: Engine) -> None:
+        self.start = time.monotonic()
+        self.max_epochs = engine.state.max_epochs
+
+    def _fit(self, engine: Engine) -> None:
+        if self.frozen:
+            return
+        epoch = engine.state.epoch
+        per_epoch = (time.monotonic() - self.start) / epoch
+        m = self.multiple_of
+        fit = max(-(-(epoch + 1) // m), int(self.budget_s / per_epoch) // m) * m
+        fit = torch.tensor([min(self.max_epochs, fit)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            fit = fit.to(engine.state.device)
+            torch.distributed.broadcast(fit, src=0)
+        engine.state.max_epochs = int(fit.item())
+        if self.lr_scheduler is not None and hasattr(self.lr_scheduler, "total_iters"):
+            self.lr_scheduler.total_iters = engine.state.max_epochs
+        self.frozen = epoch >= self.freeze_at * engine.state.max_epochs
+        logger.info(
+            "time budget %.0f s: %.1f s per epoch, %d epochs%s",
+            self.budget_s,
+            per_epoch,
+            engine.state.max_epochs,
+            " (fixed)" if self.frozen else "",
+        )
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:

@@ -27,5 +27,5 @@ class CalciumGated(MapTransform):
         d = dict(data)
         bright = torch.as_tensor(d[self.image_key] >= self.threshold)
         for key in self.key_iterator(d):
-            d[key] = d[key] * bright.to(d[key].dtype)
+            d[key] = d[key] * bright.to(device=d[key].device, dtype=d[key].dtype)
         return d
