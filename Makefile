@@ -29,6 +29,7 @@ data: setup
 	$(PY) scripts/make_phantoms.py chest --num 40 --out data/chest_small --size small --dicom --unlabeled-fraction 0.5 --workers 2
 	$(PY) scripts/make_phantoms.py head --num 40 --out data/head_small --size small --dicom --workers 2
 	$(PY) scripts/make_phantoms.py lung --num 30 --out data/lung_small_raw --size small --workers 2
+	$(PY) scripts/prepare_clean_cc_ccii.py --raw-root data/lung_small_raw --out data/lung_small --workers 2
 
 demo: setup
 	$(PY) scripts/demo.py --out output/demo
