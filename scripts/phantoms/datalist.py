@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def patient_folds(patients: list[str], folds: int, rng: np.random.Generator) -> dict[str, int]:
+    """Patient -> fold: the distinct patients dealt into ``folds`` folds in a random order (all of a patient's
+    cases share a fold, so no patient is in two folds)."""
+    unique = list(dict.fromkeys(patients))
+    order = rng.permutation(len(unique))
+    return {unique[i]: int(rank % folds) for rank, i in enumerate(order)}
+
+
 def build_datalist(
     case_ids: list[str], files: dict[str, dict[str, str]], *, folds: int, unlabeled_fraction: float, seed: int
 ) -> dict:
@@ -16,8 +24,7 @@ def build_datalist(
     if not 0.0 <= unlabeled_fraction < 1.0:
         raise ValueError(f"unlabeled fraction must be in [0, 1), got {unlabeled_fraction}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 99]))
-    order = rng.permutation(len(case_ids))
-    fold_of = {case_ids[i]: int(rank % folds) for rank, i in enumerate(order)}
+    fold_of = patient_folds(case_ids, folds, rng)
     n_unlabeled = int(round(unlabeled_fraction * len(case_ids)))
     chosen = set(rng.choice(sorted(case_ids), size=n_unlabeled, replace=False).tolist()) if n_unlabeled else set()
     labeled, unlabeled = [], []

@@ -11,18 +11,19 @@ import numpy as np
 
 from .case import Case
 from .dicom_series import derive_uid, write_ct_series
+from .geometry import Grid
 
 SERIES_DESCRIPTIONS = {"chest": "Cardiac Ca Score 3.0 non-contrast", "head": "Head non-contrast"}
 STUDY_DESCRIPTIONS = {"chest": "CT Heart Calcium Score", "head": "CT Head without contrast"}
 
 
-def to_nifti(array: np.ndarray, case: Case) -> nib.Nifti1Image:
-    """Array [k, j, i] -> NIfTI (i, j, k) with the RAS affine (sheared for gantry tilt)."""
-    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), case.grid.affine_ras())
+def to_nifti(array: np.ndarray, grid: Grid) -> nib.Nifti1Image:
+    """Array [k, j, i] on ``grid`` -> NIfTI (i, j, k) with the RAS affine (sheared for gantry tilt)."""
+    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), grid.affine_ras())
     img.header.set_xyzt_units("mm")
-    img.set_sform(case.grid.affine_ras(), code=1)
-    if abs(case.grid.tilt_deg) < 1e-6:
-        img.set_qform(case.grid.affine_ras(), code=1)
+    img.set_sform(grid.affine_ras(), code=1)
+    if abs(grid.tilt_deg) < 1e-6:
+        img.set_qform(grid.affine_ras(), code=1)
     else:  # a qform cannot hold a shear: only the sform describes tilted geometry
         img.set_qform(None, code=0)
     return img
@@ -50,7 +51,7 @@ def write_case(
     tmp.mkdir(parents=True)
     try:
         for name, array in case.arrays.items():
-            nib.save(to_nifti(array, case), tmp / f"{name}.nii.gz")
+            nib.save(to_nifti(array, case.grid), tmp / f"{name}.nii.gz")
         truth = dict(case.truth)
         if dicom:
             study_uid, series_uid = study_uids(case, study_key)
