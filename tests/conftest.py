@@ -13,13 +13,17 @@ SHARED = ROOT.parent / "shared"
 REAL_CT = SHARED / "data" / "real_ct" / "totalsegmentator_example_ct_dicom"
 
 
+DEBIAN_PACKAGE = {"dciodvfy": "dicom3tools", "dcentvfy": "dicom3tools", "java": "default-jre-headless"}
+
+
 def need_tool(name: str) -> str:
     """Path of a command-line tool; in CI a missing tool fails the test, locally it skips with a reason."""
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{name} is not installed; .ci/run installs it")
-        pytest.skip(f"{name} is not installed (apt-get install dicom3tools)")
+        hint = f"apt-get install {DEBIAN_PACKAGE[name]}" if name in DEBIAN_PACKAGE else "see .ci/run"
+        pytest.skip(f"{name} is not installed ({hint})")
     return path
 
 

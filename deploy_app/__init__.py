@@ -1,0 +1,1 @@
+"""CalciMap MONAI Deploy application: DICOM in, DICOM SEG + TID 1500 SR + PDF report out."""

@@ -1,0 +1,122 @@
+"""What every DICOM object the app writes shares: the algorithm's identity, deterministic UIDs, content dates
+taken from the source, the source series checks and the atomic file write."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANUFACTURER = "CalciMap"
+_UID_SEPARATOR = "\x1f"  # keeps ("ab", "c") and ("a", "bc") apart, as in scripts/phantoms/dicom_series.py
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The algorithm that made the result, as written into SEG (Algorithm Identification) and SR (device)."""
+
+    name: str  # DICOM LO: at most 64 characters
+    version: str
+
+    def __post_init__(self) -> None:
+        for field_name in ("name", "version"):
+            value = getattr(self, field_name)
+            if not isinstance(value, str) or not value.strip() or len(value) > 64 or "\\" in value:
+                raise ValueError(f"algorithm {field_name} must be a non-empty LO string (<= 64 chars), got {value!r}")
+
+
+def bundle_version(bundle: str) -> str:
+    """The ``version`` of a bundle's configs/metadata.json (bundles/<bundle>/)."""
+    path = REPO_ROOT / "bundles" / bundle / "configs" / "metadata.json"
+    return str(json.loads(path.read_text())["version"])
+
+
+def derive_uid(*parts: str) -> str:
+    """A deterministic UID under pydicom's root: SHA-512 of the parts (the same parts give the same UID)."""
+    if not parts or not all(isinstance(p, str) and p for p in parts):
+        raise ValueError("derive_uid needs one or more non-empty str parts")
+    return str(generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=[_UID_SEPARATOR.join(parts)]))
+
+
+def check_source_series(datasets: Sequence[Dataset]) -> None:
+    """Raise ValueError unless ``datasets`` are single-frame images of one series, in slice order.
+
+    Slice order means increasing position along the slice normal (row x column cosine), the order
+    ``read_ct_series`` returns and the one the label map's k axis must follow.
+    """
+    if not datasets:
+        raise ValueError("no source datasets: pass the source series' datasets in slice order")
+    first = datasets[0]
+    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "ImageOrientationPatient"):
+        if keyword not in first:
+            raise ValueError(f"the source images have no {keyword}")
+    series = {ds.SeriesInstanceUID for ds in datasets}
+    if len(series) != 1:
+        raise ValueError(f"the source images belong to {len(series)} series; pass one series")
+    if any(int(ds.get("NumberOfFrames", 1) or 1) != 1 for ds in datasets):
+        raise ValueError("multi-frame source images are not supported by this writer; pass single-frame slices")
+    if len({ds.SOPInstanceUID for ds in datasets}) != len(datasets):
+        raise ValueError("a source instance appears twice")
+    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    along = np.array([np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal) for ds in datasets])
+    if len(along) > 1 and not np.all(np.diff(along) > 0):
+        raise ValueError("the source images are not in slice order (increasing position along the slice normal)")
+
+
+def source_datetime(source: Dataset) -> datetime.datetime:
+    """Content date and time of an output, taken from the source series (series, else study date and time).
+
+    Using the source's own date keeps a re-run byte-identical; the date of the output's creation is not
+    recorded anywhere (InstanceCreationDate/Time, optional, are removed by :func:`make_deterministic`).
+    """
+    for date_kw, time_kw in (("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+        date = str(source.get(date_kw) or "")
+        if date:
+            time = str(source.get(time_kw) or "000000").split(".")[0].ljust(6, "0")[:6]
+            return datetime.datetime.strptime(date + time, "%Y%m%d%H%M%S")
+    raise ValueError("the source images have neither SeriesDate nor StudyDate; pass content_datetime")
+
+
+def make_deterministic(ds: Dataset, when: datetime.datetime) -> None:
+    """Replace what highdicom fills from the wall clock: drop InstanceCreationDate/Time (Type 3) and date
+    highdicom's own Contributing Equipment item at ``when`` (the content date)."""
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
+
+
+def write_atomic(ds: Dataset, out_path: str | os.PathLike) -> Path:
+    """Write ``ds`` as a DICOM file: into a hidden temporary sibling, fsync'ed, then renamed over ``out_path``.
+
+    A reader never sees a half-written file and a failure leaves no partial file; an existing file at
+    ``out_path`` is replaced (a re-run with the same UIDs overwrites instead of duplicating).
+    """
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"{out_path} is a directory; pass the path of the file to write")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        with open(tmp, "wb") as fh:
+            pydicom.dcmwrite(fh, ds, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
