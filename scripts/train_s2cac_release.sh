@@ -8,7 +8,9 @@
 #    Each fits its number of epochs to BUDGET_S seconds (--time_budget_s); its log says how many.
 # 3. Evaluates them on the held-out sets (OUT_DIR/eval_*/evaluation/evaluation.{json,md}).
 # Environment: PYTHON (default python), SIZE (phantom size, default medium), N_CHEST, N_HEAD, N_TEST,
-# DEVICE, AMP (default true), ICA_PRETRAINED (an ICA checkpoint to start from).
+# DEVICE, AMP (default true), ICA_PRETRAINED (an ICA checkpoint to start from), STAGES ("train eval" by
+# default; one 10-minute GPU lease fits "train" with BUDGET_S ~480, then "eval" in a second lease with
+# OUT_DIR's weights carried back).
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [BUDGET_S]}
 budget=${2:-300}
@@ -31,18 +33,24 @@ phantoms() {  # KIND NUM NAME SEED [options]
     $py scripts/make_phantoms.py "$kind" --num "$num" --out "data/$name" --size "$size" --seed "$seed" \
         --workers "$cores" "$@" >"$out/phantoms_$name.log" 2>&1
 }
-phantoms chest "${N_CHEST:-200}" "chest_$size" 0 --unlabeled-fraction 0.5 &
-jobs=($!)
-phantoms head "${N_HEAD:-120}" "head_$size" 0 --unlabeled-fraction 0.5 &
-jobs+=($!)
-phantoms chest "$n_test" "chest_test_$size" 1000 &
-jobs+=($!)
-phantoms chest $((n_test * 3 / 10)) "chest_test_${size}_1.5mm" 1001 --thickness 1.5 &
-jobs+=($!)
-phantoms chest $((n_test * 3 / 10)) "chest_test_${size}_large" 1002 --patient-size large &
-jobs+=($!)
-phantoms head $((n_test * 6 / 10)) "head_test_$size" 1000 &
-jobs+=($!)
+stages=${STAGES:-train eval}
+jobs=()
+if [[ $stages == *train* ]]; then
+    phantoms chest "${N_CHEST:-200}" "chest_$size" 0 --unlabeled-fraction 0.5 &
+    jobs+=($!)
+    phantoms head "${N_HEAD:-120}" "head_$size" 0 --unlabeled-fraction 0.5 &
+    jobs+=($!)
+fi
+if [[ $stages == *eval* ]]; then
+    phantoms chest "$n_test" "chest_test_$size" 1000 &
+    jobs+=($!)
+    phantoms chest $((n_test * 3 / 10)) "chest_test_${size}_1.5mm" 1001 --thickness 1.5 &
+    jobs+=($!)
+    phantoms chest $((n_test * 3 / 10)) "chest_test_${size}_large" 1002 --patient-size large &
+    jobs+=($!)
+    phantoms head $((n_test * 6 / 10)) "head_test_$size" 1000 &
+    jobs+=($!)
+fi
 waitall "${jobs[@]}"
 
 # Data loading and the crop/intensity transforms run on the CPU: a quarter of the cores per run.
@@ -59,15 +67,18 @@ run_training() {  # NAME [options]
     $py -m monai.bundle run training --output_dir "$out/$name" --ckpt_dir "$out/$name" "${common[@]}" "${train[@]}" \
         "$@" >"$out/$name.log" 2>&1
 }
-run_training coronary --config_file "$cfg/train.yaml" --dataset_dir "data/chest_$size" &
-jobs=($!)
-run_training coronary_supervised --config_file "$cfg/train.yaml" --dataset_dir "data/chest_$size" \
-    --unlabeled_batch 0 &
-jobs+=($!)
-run_training ica "${ica[@]}" &
-jobs+=($!)
-waitall "${jobs[@]}" || echo "a training run failed: see $out/*.log"
-grep -h "time budget" "$out"/*.log | grep fixed || true
+if [[ $stages == *train* ]]; then
+    run_training coronary --config_file "$cfg/train.yaml" --dataset_dir "data/chest_$size" &
+    jobs=($!)
+    run_training coronary_supervised --config_file "$cfg/train.yaml" --dataset_dir "data/chest_$size" \
+        --unlabeled_batch 0 &
+    jobs+=($!)
+    run_training ica "${ica[@]}" &
+    jobs+=($!)
+    waitall "${jobs[@]}" || echo "a training run failed: see $out/*.log"
+    grep -h "time budget" "$out"/*.log | grep fixed || true
+fi
+[[ $stages == *eval* ]] || exit 0
 
 evaluate() {  # NAME MODEL DATASET CONFIGS
     $py -m monai.bundle run evaluating --config_file "$4" --model_file "$2" --eval_dataset_dir "data/$3" \
