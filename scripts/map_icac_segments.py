@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from score_calcium import InputError, write_atomic, write_json  # noqa: E402  (the scorer CLI beside this one)
 
 from bundles.dst_ica_calcification.scripts.hemisphere import lps_affine_from_nifti  # noqa: E402
 from bundles.dst_ica_calcification.scripts.segments import SEGMENTS, SegmentMapping, map_segments  # noqa: E402
@@ -34,10 +34,6 @@ from bundles.s2cac_coronary_calcium.scripts.scoring import DEFAULT_MASS_CALIBRAT
 
 PROG = "map_icac_segments"
 COLUMNS = (("side", 6), ("segment", 13), ("Agatston", 10), ("volume (mm^3)", 14), ("mass (mg)", 11), ("lesions", 8))
-
-
-class InputError(Exception):
-    """A failure the user caused; reported as one line and exit code 2."""
 
 
 def format_table(mapping: SegmentMapping) -> str:
@@ -82,19 +78,6 @@ def format_table(mapping: SegmentMapping) -> str:
     ]
     lines += [f"warning: {w}" for w in mapping.warnings]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder so that a failure leaves nothing half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mapping, nifti = run(args)
         if args.json is not None:
-            text = json.dumps(mapping.report(), indent=2, allow_nan=False) + "\n"
-            write_atomic(args.json, lambda p: p.write_text(text))
+            write_json(args.json, mapping.report())
         if args.label_out is not None:
             import nibabel as nib
 

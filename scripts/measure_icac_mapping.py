@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from map_icac_segments import InputError, load_landmarks  # noqa: E402
+
 from bundles.dst_ica_calcification.scripts.hemisphere import (  # noqa: E402
     SIDES,
     MidSagittalPlane,
@@ -60,10 +62,6 @@ TARGET_ICC = 0.95
 N_BOOT = 2000
 MARGIN_MM = 10.0  # how far around the calcium the nearest lumen voxel is looked for
 log = logging.getLogger(PROG)
-
-
-class InputError(Exception):
-    """A failure the user caused; reported as one line and exit code 2."""
 
 
 # --- cases ------------------------------------------------------------------------------------------------------
@@ -112,10 +110,7 @@ def load_prediction(folder: Path, case_id: str) -> Any:
     path = folder / f"{case_id}.json"
     if not path.is_file():
         raise InputError(f"no predicted landmarks for {case_id}: expected {path}")
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    return load_landmarks(path)
 
 
 # --- per case ---------------------------------------------------------------------------------------------------

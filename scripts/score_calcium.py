@@ -80,18 +80,22 @@ def format_table(score: CalciumScore) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a failure leaves no half-written file."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder so that a failure leaves nothing half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    write_atomic(path, lambda p: p.write_text(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         score = run(args)
         if args.json is not None:
-            write_json_atomic(args.json, score.as_dict())
+            write_json(args.json, score.as_dict())
     except (InputError, OSError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception text holds
         print(f"{PROG}: error: {message}", file=sys.stderr)
