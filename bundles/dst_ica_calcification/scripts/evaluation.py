@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from bundles.s2cac_coronary_calcium.scripts.evaluation import bootstrap_weights, percentile_interval
+
 from .landmarks import LANDMARK_NAMES
 
 logger = logging.getLogger(__name__)
@@ -39,21 +41,9 @@ LOCALIZATION_STATS = ("mae_slices", "mae_mm", "top1", "within1")
 # --- bootstrap -------------------------------------------------------------------------------------------------
 
 
-def bootstrap_weights(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
-    """(n_boot, n) how often each of ``n`` cases is drawn in each resample with replacement."""
-    if n_boot <= 0 or n == 0:
-        return np.zeros((0, n))
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-
-
 def interval(estimate: float | None, samples: np.ndarray, n: int, confidence: float = 0.95) -> dict[str, Any]:
     """{"estimate", "low", "high", "n"}: percentile interval of the finite bootstrap samples."""
-    valid = samples[np.isfinite(samples)] if samples.size else samples
-    low = high = None
-    if valid.size:
-        a = (1.0 - confidence) / 2.0
-        low, high = (float(v) for v in np.percentile(valid, [100 * a, 100 * (1 - a)]))
+    low, high, _ = percentile_interval(samples, confidence)
     est = None if estimate is None or not np.isfinite(estimate) else float(estimate)
     return {"estimate": est, "low": low, "high": high, "n": int(n)}
 

@@ -39,19 +39,13 @@ Arrays are indexed ``[k, j, i]``; ``affine`` maps (i, j, k) voxel indices to LPS
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-try:
-    from bundles.s2cac_coronary_calcium.scripts import scoring
-except ModuleNotFoundError:  # loaded as `scripts` from the bundle root: reach the scorer through the repository root
-    sys.path.append(str(Path(__file__).resolve().parents[3]))
-    from bundles.s2cac_coronary_calcium.scripts import scoring
+from bundles.s2cac_coronary_calcium.scripts import scoring  # importable: see this package's __init__
 
 from .hemisphere import SIDES, MidSagittalPlane, estimate_midsagittal_plane
 
