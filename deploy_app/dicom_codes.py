@@ -72,3 +72,17 @@ RISK_CATEGORY_VALUES = {
 AGATSTON_EQUIVALENT = private("AGATSTON-EQUIV", "Agatston-equivalent score (non-standard acquisition)")
 YES = codes.SCT.Yes  # SCT 373066001
 NO = codes.SCT.No  # SCT 373067005
+
+# Quality checks before scoring (deploy_app/quality.py): each finding is a coded evaluation in the SR, concept
+# QUALITY_CHECK with the check's code as modifier and QUALITY_PASSED / QUALITY_FAILED as value.
+QUALITY_CHECK = private("QC", "Quality check before calcium scoring")
+QUALITY_FINDINGS = {
+    "acquisition": private("QC-ACQUISITION", "Acquisition within calcium score definition"),
+    "tilt": private("QC-TILT", "Gantry tilt within limit"),
+    "geometry": private("QC-GEOMETRY", "Complete and regular image volume"),
+    "contrast": private("QC-CONTRAST", "Non-contrast series"),
+    "coverage": private("QC-COVERAGE", "Anatomic coverage complete"),
+}
+QUALITY_PASSED = private("QC-PASSED", "Quality check passed")
+QUALITY_FAILED = private("QC-FAILED", "Quality check failed")
+NOT_SCORED = private("QC-NOT-SCORED", "Not scored: series unsuitable for calcium scoring")
