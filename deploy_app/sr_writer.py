@@ -7,7 +7,8 @@ Content tree: observer context (the algorithm as a device), procedure reported, 
   calcium mass (mg), 0 where the segment holds no calcium;
 - one measurement group (TID 1501) for the total, with the same three measurements, the risk category
   (coronary only: the categories are defined for the coronary Agatston total) and, when the acquisition facts
-  were given to the scorer, whether the score is Agatston-equivalent; both coded in the private scheme.
+  were given to the scorer, whether the score is Agatston-equivalent, and the quality checks behind the score
+  (check -> passed / failed); all coded in the private scheme.
 Numbers come only from ``scoring.score_calcium`` (a ``CalciumScore`` or its ``as_dict()``), written unrounded
 up to what a DICOM decimal string holds (16 characters).
 """
@@ -102,8 +103,20 @@ def _segment_group(
     )
 
 
+def _quality_evaluations(quality: Sequence[Any]) -> list[hd.sr.QualitativeEvaluation]:
+    """Each quality finding (``quality.Finding`` or its ``as_dict()``) as check code -> passed / failed."""
+    out = []
+    for finding in quality:
+        f = finding if isinstance(finding, Mapping) else finding.as_dict()
+        if f["check"] not in dc.QUALITY_FINDINGS:
+            raise ValueError(f"unknown quality check {f['check']!r}")
+        value = dc.QUALITY_PASSED if f["passed"] else dc.QUALITY_FAILED
+        out.append(hd.sr.QualitativeEvaluation(dc.QUALITY_FINDINGS[f["check"]], value))
+    return out
+
+
 def _total_group(
-    data: Mapping[str, Any], seg: Dataset, seg_set: SegmentSet, algorithm: Algorithm
+    data: Mapping[str, Any], seg: Dataset, seg_set: SegmentSet, algorithm: Algorithm, quality: Sequence[Any] = ()
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     evaluations = []
     if seg_set.has_risk_category:
@@ -114,6 +127,7 @@ def _total_group(
     if data.get("agatston_equivalent") is not None:
         answer = dc.YES if data["agatston_equivalent"] else dc.NO
         evaluations.append(hd.sr.QualitativeEvaluation(dc.AGATSTON_EQUIVALENT, answer))
+    evaluations += _quality_evaluations(quality)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid(seg.SOPInstanceUID, "total"), identifier=f"Total {seg_set.name} calcium"
@@ -150,6 +164,7 @@ def build_sr(
     series_uid: str | None = None,
     series_number: int | None = None,
     content_datetime: datetime.datetime | None = None,
+    quality: Sequence[Any] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR dataset (see :func:`write_sr`), not written."""
     check_source_series(source_datasets)
@@ -169,7 +184,7 @@ def build_sr(
     groups: list[Any] = [
         _segment_group(spec, data["per_label"][spec.name], seg_dataset, seg_set, algorithm) for spec in seg_set.segments
     ]
-    groups.append(_total_group(data, seg_dataset, seg_set, algorithm))
+    groups.append(_total_group(data, seg_dataset, seg_set, algorithm, quality))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
         procedure_reported=seg_set.procedure,
@@ -208,6 +223,7 @@ def write_sr(
     series_uid: str | None = None,
     series_number: int | None = None,
     content_datetime: datetime.datetime | None = None,
+    quality: Sequence[Any] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Write the TID 1500 SR of ``scores`` (for the segments of ``seg_dataset``) into ``out_path`` atomically.
 
@@ -219,6 +235,8 @@ def write_sr(
         algorithm, series_uid, series_number, content_datetime: as for ``write_seg``; the default UIDs derive
             from the SEG's SOP instance UID (so from the source series and the algorithm version); series
             number default source SeriesNumber + 2000.
+        quality: the quality findings behind the score (``deploy_app.quality.Finding``s), written into the total
+            group as coded evaluations (private scheme): the check -> passed / failed.
 
     Raises ValueError when the scores, the SEG and the source do not belong together.
     """
@@ -231,6 +249,7 @@ def write_sr(
         series_uid=series_uid,
         series_number=series_number,
         content_datetime=content_datetime,
+        quality=quality,
     )
     path = write_atomic(sr, Path(out_path))
     logger.info("wrote SR %s to %s", sr.SOPInstanceUID, path)
