@@ -13,7 +13,7 @@ TORCH_CUDA ?=
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.txt)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo test lint format clean
+.PHONY: setup data models demo test lint format clean
 setup: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -30,6 +30,11 @@ data: setup
 	$(PY) scripts/make_phantoms.py head --num 40 --out data/head_small --size small --dicom --workers 2
 	$(PY) scripts/make_phantoms.py lung --num 30 --out data/lung_small_raw --size small --workers 2
 	$(PY) scripts/prepare_clean_cc_ccii.py --raw-root data/lung_small_raw --out data/lung_small --workers 2
+
+# TorchScript exports of the bundles' weights for the app (models/<name>/model.ts) and their sha256 manifest;
+# both are committed, so run this after retraining a bundle.
+models: setup
+	$(PY) scripts/export_models.py
 
 demo: setup
 	$(PY) scripts/demo.py --out output/demo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -43,8 +44,13 @@ def write_case(
     transfer_syntax: str = "explicit",
     study_key: str | None = None,
     series_number: int = 1,
+    study_tags: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write one case into ``out_dir/<case_id>/`` atomically (a temporary folder renamed at the end)."""
+    """Write one case into ``out_dir/<case_id>/`` atomically (a temporary folder renamed at the end).
+
+    ``study_key`` and ``study_tags`` (patient and study attributes overriding the case's) put several cases into
+    one study, e.g. a chest and a head series of one patient (``scripts/make_study.py``).
+    """
     final = out_dir / case.case_id
     tmp = out_dir / f".{case.case_id}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,6 +66,7 @@ def write_case(
                 "StudyDescription": STUDY_DESCRIPTIONS.get(case.kind, "CT"),
                 "SeriesDescription": SERIES_DESCRIPTIONS.get(case.kind, "CT"),
                 "AccessionNumber": case.case_id.replace("_", "")[-16:],
+                **(study_tags or {}),
             }
             write_ct_series(
                 case.arrays["image"],

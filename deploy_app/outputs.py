@@ -1,0 +1,104 @@
+"""Everything the app writes for a study, written all-or-nothing.
+
+Per scored path one DICOM SEG and one TID 1500 SR; per study the PDF report (as a file and as DICOM Encapsulated
+PDF) and ``results.json``. All objects are first written into a hidden staging folder inside the output folder;
+only when every one of them is complete are they moved into place (a rename each), so a failure leaves no partial
+object behind, and a re-run replaces the previous run's files (fixed names, deterministic UIDs) instead of adding
+to them. Output files of an earlier run that this run does not produce (a path no longer scored) are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy_app import __version__
+from deploy_app.dicom_output import Algorithm
+from deploy_app.pdf_report import KeyImages, render_report_pdf
+from deploy_app.pdf_writer import write_pdf
+from deploy_app.pipeline import PATHS, PathResult, Timer
+from deploy_app.seg_writer import write_seg
+from deploy_app.sr_writer import write_sr
+from deploy_app.study import Study
+
+logger = logging.getLogger(__name__)
+
+APP_ALGORITHM = Algorithm("CalciMap", __version__)
+REPORT_TITLE = "CalciMap vascular calcium report"
+OUTPUT_NAMES = (
+    *(f"{p}_{kind}.dcm" for p in PATHS for kind in ("seg", "sr")),
+    "report.pdf",
+    "report_pdf.dcm",
+    "results.json",
+)
+
+
+def key_images(result: PathResult) -> KeyImages:
+    vol = result.scored_volume
+    a = vol.affine_lps[:3]
+    normal = np.cross(a[:, 0], a[:, 1])
+    normal /= np.linalg.norm(normal)
+    positions = tuple(float((a[:, 3] + k * a[:, 2]) @ normal) for k in range(vol.hu.shape[0]))
+    return KeyImages(
+        hu=vol.hu,
+        labels=result.scored_labels,
+        pixel_spacing_mm=vol.pixel_spacing_mm,
+        increment_mm=vol.increment_mm,
+        slice_positions_mm=positions,
+    )
+
+
+def _write_all(stage: Path, study: Study, results: Mapping[str, PathResult | None], report: dict[str, Any]) -> None:
+    timings = report["timings_s"]
+    scored = {p: r for p, r in results.items() if r is not None and r.scored}
+    for path, r in scored.items():
+        with Timer(timings, f"write_seg_{path}"):
+            seg = write_seg(r.volume.datasets, r.labels, path, stage / f"{path}_seg.dcm")
+        with Timer(timings, f"write_sr_{path}"):
+            write_sr(r.volume.datasets, seg, r.score, stage / f"{path}_sr.dcm", quality=r.findings)
+    with Timer(timings, "write_pdf"):
+        pdf = render_report_pdf(report, {p: key_images(r) for p, r in scored.items()})
+        (stage / "report.pdf").write_bytes(pdf)
+        used = [r for r in results.values() if r is not None]
+        source = used[0].choice.datasets[0] if used else study.first
+        write_pdf(
+            source,
+            pdf,
+            stage / "report_pdf.dcm",
+            title=REPORT_TITLE,
+            algorithm=APP_ALGORITHM,
+            referenced_series=[(r.choice.series_uid, r.choice.datasets) for r in used],
+        )
+    (stage / "results.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def write_outputs(
+    out_dir: str | os.PathLike, study: Study, results: Mapping[str, PathResult | None], report: dict[str, Any]
+) -> list[Path]:
+    """Write the study's objects into ``out_dir`` all-or-nothing; return the written paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".calcimap-partial-", dir=out_dir))
+    try:
+        _write_all(stage, study, results, report)
+        # results.json was written before the writers' timings were complete: write it again with them.
+        (stage / "results.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+        written = sorted(p.name for p in stage.iterdir())
+        for name in OUTPUT_NAMES:
+            if name not in written:
+                (out_dir / name).unlink(missing_ok=True)
+        for name in written:
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    paths = [out_dir / name for name in written]
+    logger.info("wrote %s", ", ".join(p.name for p in paths))
+    return paths

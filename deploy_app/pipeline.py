@@ -1,0 +1,232 @@
+"""The app's stages as plain functions over plain data: read -> select -> volume -> score each path -> write.
+
+The Holoscan operators (:mod:`deploy_app.operators`) call these, one stage per operator; the benchmark and the
+tests call them directly. Each path (coronary, ICA) goes: the selected series -> a strict volume (a geometry
+fault becomes a blocking quality finding) -> the quality checks -> if suitable, the models and the one scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bundles.dst_ica_calcification.scripts.segments import map_segments
+from bundles.s2cac_coronary_calcium.scripts import scoring
+from deploy_app import quality
+from deploy_app.inference import CalciumSegmenter, LandmarkLocator
+from deploy_app.models import MODELS
+from deploy_app.selection import SeriesChoice, acquisition_facts, load_rules, select_series
+from deploy_app.study import Study
+from deploy_app.volume import Volume, VolumeError, build_volume, untilt
+
+logger = logging.getLogger(__name__)
+
+PATHS = ("coronary", "ica")
+NO_SERIES = {
+    "coronary": "No non-contrast chest/cardiac CT series in this study.",
+    "ica": "No non-contrast head CT series in this study.",
+}
+
+
+@dataclass
+class PathResult:
+    """What one path (coronary or ICA) found for the study; ``labels`` are on ``volume``'s grid."""
+
+    path: str
+    choice: SeriesChoice
+    volume: Volume | None = None  # None when the series could not be built into a volume
+    scored_volume: Volume | None = None  # the grid the models and the scorer saw (untilted for a tilted head)
+    findings: list[quality.Finding] = field(default_factory=list)
+    not_scored_reason: str | None = None
+    labels: np.ndarray | None = None  # segment numbers on the source volume's grid (for the SEG)
+    scored_labels: np.ndarray | None = None  # the same on scored_volume's grid (what the scorer counted)
+    score: scoring.CalciumScore | None = None
+    landmarks: dict | None = None  # DST prediction (ICA)
+    mapping: dict | None = None  # segment-mapping report (ICA)
+    roi: list[list[int]] | None = None  # [[k0, k1], [j0, j1], [i0, i1]] the calcium model read (None: all)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scored(self) -> bool:
+        return self.score is not None
+
+
+class Timer:
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = round(time.perf_counter() - self.start, 4)
+
+
+class Models:
+    """The loaded networks, each made once per process (a warm app scores many studies).
+
+    ``roi``: run the calcium model on the heart / skull-base region the quality checks locate (the default; the
+    sliding window's cost scales with the volume it covers) instead of the whole field of view.
+    """
+
+    def __init__(self, files: Mapping[str, Path], device: torch.device | None = None, roi: bool = True):
+        self.files = dict(files)
+        self.device = device
+        self.roi = roi
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, name: str):
+        if name not in self._loaded:
+            if name not in self.files:
+                raise KeyError(f"model {name!r} is not available (run `make models`)")
+            cls = LandmarkLocator if name == "dst_landmarks" else CalciumSegmenter
+            self._loaded[name] = cls(MODELS[name], self.files[name], self.device)
+        return self._loaded[name]
+
+    def available(self, path: str) -> list[str]:
+        """The models a path needs that are missing."""
+        return [name for name, spec in MODELS.items() if spec.path == path and name not in self.files]
+
+
+def select(study: Study, rules: dict | None = None) -> dict[str, SeriesChoice | None]:
+    return select_series(study.series, rules if rules is not None else load_rules())
+
+
+def make_volume(choice: SeriesChoice) -> tuple[Volume | None, list[quality.Finding]]:
+    try:
+        return build_volume(choice.datasets), []
+    except VolumeError as e:
+        logger.warning("%s series is not usable: %s", choice.selection, e)
+        return None, [quality.check_geometry_error(str(e))]
+
+
+def _header_facts(volume: Volume) -> dict[str, Any]:
+    facts = acquisition_facts(volume.datasets[0])
+    return {**facts, "increment_mm": volume.increment_mm, "tilt_deg": volume.tilt_deg}
+
+
+def check(result: PathResult, limits: Mapping[str, float]) -> bool:
+    """Run the quality checks of the path on its volume; False (with the reason set) when it cannot be scored."""
+    if result.volume is not None:
+        vol = result.volume
+        facts = _header_facts(vol)
+        if result.path == "ica" and 0 < vol.tilt_deg <= limits.get("ica_max_tilt_deg", 30.0):
+            vol = untilt(vol, limits.get("ica_max_tilt_deg", 30.0))
+        result.scored_volume = vol
+        result.findings += quality.run_checks(result.path, vol.hu, vol.spacing_kji, facts, limits)
+    ok, reason = quality.suitable(result.findings)
+    if not ok:
+        result.not_scored_reason = reason
+    return ok
+
+
+def _score(volume: Volume, labels: np.ndarray, label_names: Mapping[int, str]) -> scoring.CalciumScore:
+    facts = acquisition_facts(volume.datasets[0])
+    return scoring.score_calcium(
+        volume.hu,
+        labels,
+        volume.scoring_spacing,
+        label_names=label_names,
+        thickness_mm=facts["thickness_mm"],
+        kvp=facts["kvp"],
+        kernel=facts["kernel"],
+    )
+
+
+def _to_source_grid(labels: np.ndarray, scored: Volume, source: Volume) -> np.ndarray:
+    """Labels of an untilted grid, nearest-neighbour on the source (tilted) grid, for the SEG."""
+    if scored is source:
+        return labels
+    from scipy import ndimage
+
+    k, j, i = np.meshgrid(*(np.arange(n) for n in source.hu.shape), indexing="ij")
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).reshape(-1, 4).T
+    to_scored = np.linalg.inv(scored.affine_lps) @ source.affine_lps @ ijk1
+    coords = to_scored[[2, 1, 0]]  # (k, j, i) of the scored grid
+    out = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
+    return out.reshape(source.hu.shape).astype(np.uint8)
+
+
+def segment_calcium(name: str, vol: Volume, models: Models, box: tuple[slice, ...] | None) -> np.ndarray:
+    """The calcium model on ``box`` of the volume (the whole volume when None); labels on the whole grid."""
+    if box is None:
+        return models.get(name)(vol.hu, vol.affine_lps)
+    affine = vol.affine_lps.copy()
+    affine[:, 3] = vol.affine_lps @ np.array([box[2].start, box[1].start, box[0].start, 1.0])
+    labels = np.zeros(vol.hu.shape, dtype=np.uint8)
+    labels[box] = models.get(name)(np.ascontiguousarray(vol.hu[box]), affine)
+    return labels
+
+
+def _roi(result: PathResult, models: Models, limits: Mapping[str, float]) -> tuple[slice, ...] | None:
+    if not models.roi:
+        return None
+    vol = result.scored_volume
+    with Timer(result.timings, "roi"):
+        find = quality.heart_box if result.path == "coronary" else quality.skull_base_box
+        box = find(vol.hu, vol.spacing_kji, limits)
+    if box is None:
+        logger.warning("%s: no region of interest found; the model reads the whole volume", result.path)
+    else:
+        result.roi = [[s.start, s.stop] for s in box]
+    return box
+
+
+def score_coronary(result: PathResult, models: Models, limits: Mapping[str, float]) -> None:
+    vol = result.scored_volume
+    box = _roi(result, models, limits)
+    with Timer(result.timings, "model_s2cac_coronary"):
+        labels = segment_calcium("s2cac_coronary", vol, models, box)
+    with Timer(result.timings, "scoring"):
+        result.score = _score(vol, labels, scoring.DEFAULT_LABEL_NAMES)
+    result.labels = result.scored_labels = labels
+
+
+def score_ica(result: PathResult, models: Models, limits: Mapping[str, float]) -> None:
+    from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES
+
+    vol = result.scored_volume
+    box = _roi(result, models, limits)
+    with Timer(result.timings, "model_s2cac_ica"):
+        calcium = segment_calcium("s2cac_ica", vol, models, box)
+    with Timer(result.timings, "model_dst"):
+        result.landmarks = models.get("dst_landmarks")(vol.hu, vol.affine_lps)
+    with Timer(result.timings, "scoring"):
+        try:
+            mapping = map_segments(vol.hu, calcium, vol.affine_lps, result.landmarks, spacing=vol.scoring_spacing)
+        except ValueError as e:  # calcium on a side whose boundaries the model could not place
+            result.not_scored_reason = f"Calcium could not be mapped to ICA segments: {e}"
+            return
+        result.mapping = mapping.report()
+        result.score = _score(vol, mapping.labels, LABEL_NAMES)
+    result.scored_labels = mapping.labels
+    result.labels = _to_source_grid(mapping.labels, vol, result.volume)
+
+
+def run_path(path: str, choice: SeriesChoice | None, models: Models, limits: Mapping[str, float]) -> PathResult | None:
+    """One path from its selected series to its scores (None: the study holds no series for it)."""
+    if choice is None:
+        return None
+    result = PathResult(path=path, choice=choice)
+    with Timer(result.timings, "volume"):
+        result.volume, result.findings = make_volume(choice)
+    with Timer(result.timings, "quality"):
+        ok = check(result, limits)
+    missing = models.available(path)
+    if ok and missing:
+        result.not_scored_reason = f"model(s) {', '.join(missing)} not installed"
+        ok = False
+    if ok:
+        (score_coronary if path == "coronary" else score_ica)(result, models, limits)
+    if result.scored:
+        logger.info("%s: total Agatston %.1f (%s)", path, result.score.total.agatston, result.score.risk_category)
+    else:
+        logger.warning("%s: not scored: %s", path, result.not_scored_reason)
+    return result
