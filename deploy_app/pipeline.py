@@ -7,6 +7,7 @@ fault becomes a blocking quality finding) -> the quality checks -> if suitable, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -117,8 +118,8 @@ def check(result: PathResult, limits: Mapping[str, float]) -> bool:
     if result.volume is not None:
         vol = result.volume
         facts = _header_facts(vol)
-        if result.path == "ica" and 0 < vol.tilt_deg <= limits.get("ica_max_tilt_deg", 30.0):
-            vol = untilt(vol, limits.get("ica_max_tilt_deg", 30.0))
+        if result.path == "ica" and 0 < vol.tilt_deg <= limits["ica_tilt_max_deg"]:
+            vol = untilt(vol, limits["ica_tilt_max_deg"])
         result.scored_volume = vol
         result.findings += quality.run_checks(result.path, vol.hu, vol.spacing_kji, facts, limits)
     ok, reason = quality.suitable(result.findings)
@@ -127,9 +128,13 @@ def check(result: PathResult, limits: Mapping[str, float]) -> bool:
     return ok
 
 
-def _score(volume: Volume, labels: np.ndarray, label_names: Mapping[int, str]) -> scoring.CalciumScore:
+def _score(
+    volume: Volume, labels: np.ndarray, label_names: Mapping[int, str], choice: SeriesChoice
+) -> scoring.CalciumScore:
+    """The one scorer, told the acquisition facts; a series the selection took only as a fallback (e.g. facts
+    not recorded, which the scorer does not judge) is labelled Agatston-equivalent too."""
     facts = acquisition_facts(volume.datasets[0])
-    return scoring.score_calcium(
+    score = scoring.score_calcium(
         volume.hu,
         labels,
         volume.scoring_spacing,
@@ -138,6 +143,10 @@ def _score(volume: Volume, labels: np.ndarray, label_names: Mapping[int, str]) -
         kvp=facts["kvp"],
         kernel=facts["kernel"],
     )
+    if not choice.standard and not score.agatston_equivalent:
+        why = "; ".join(r.removeprefix("non-standard acquisition: ") for r in choice.reasons if "non-standard" in r)
+        score = dataclasses.replace(score, agatston_equivalent=True, acquisition_note=why or "non-standard series")
+    return score
 
 
 def _to_source_grid(labels: np.ndarray, scored: Volume, source: Volume) -> np.ndarray:
@@ -185,7 +194,7 @@ def score_coronary(result: PathResult, models: Models, limits: Mapping[str, floa
     with Timer(result.timings, "model_s2cac_coronary"):
         labels = segment_calcium("s2cac_coronary", vol, models, box)
     with Timer(result.timings, "scoring"):
-        result.score = _score(vol, labels, scoring.DEFAULT_LABEL_NAMES)
+        result.score = _score(vol, labels, scoring.DEFAULT_LABEL_NAMES, result.choice)
     result.labels = result.scored_labels = labels
 
 
@@ -205,7 +214,7 @@ def score_ica(result: PathResult, models: Models, limits: Mapping[str, float]) -
             result.not_scored_reason = f"Calcium could not be mapped to ICA segments: {e}"
             return
         result.mapping = mapping.report()
-        result.score = _score(vol, mapping.labels, LABEL_NAMES)
+        result.score = _score(vol, mapping.labels, LABEL_NAMES, result.choice)
     result.scored_labels = mapping.labels
     result.labels = _to_source_grid(mapping.labels, vol, result.volume)
 

@@ -66,11 +66,11 @@ def warm_run(folder: Path, out: Path, models, manifest, rules, limits) -> dict[s
     return t
 
 
-def cli_run(folder: Path, out: Path) -> dict[str, float]:
+def cli_run(folder: Path, out: Path, extra: list[str]) -> dict[str, float]:
     probe = (
         "import resource, subprocess, sys, time; t = time.perf_counter();"
         f"r = subprocess.run([sys.executable, '-m', 'deploy_app', '-i', {str(folder)!r}, '-o', {str(out)!r}, "
-        "'-l', 'WARNING'], capture_output=True);"
+        f"'-l', 'WARNING', *{extra!r}], capture_output=True);"
         "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
     )
     r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", type=Path, default=Path("output/benchmark.json"), help="where the numbers go")
     p.add_argument("--no-cli", action="store_true", help="skip the whole-CLI run")
+    p.add_argument("--no-roi", action="store_true", help="models on the whole volume (to compare with the ROI)")
     args = p.parse_args(argv)
 
     import torch
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = None if args.device == "auto" else torch.device("cuda:0" if args.device == "cuda" else "cpu")
     manifest = model_files.load_manifest()
-    models = Models(model_files.locate_models(model_files.model_dir(), manifest), device)
+    models = Models(model_files.locate_models(model_files.model_dir(), manifest), device, roi=not args.no_roi)
     imported = time.perf_counter() - T0
     for name in manifest:
         models.get(name)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    report = {"machine": machine, "size": args.size, "runs": args.runs, "cold_start": cold, "studies": {}}
+    report = {"machine": machine, "size": args.size, "runs": args.runs, "roi": not args.no_roi, "cold_start": cold}
+    report["studies"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.studies:
             spec = dict(STUDIES[name])
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
             entry = {"median_s": stages, "peak_rss_mb_after": round(peak_rss_mb(), 1)}
             if not args.no_cli:
-                entry["cli"] = cli_run(folder.parent, Path(tmp) / f"cli_{name}")
+                entry["cli"] = cli_run(folder.parent, Path(tmp) / f"cli_{name}", ["--no-roi"] if args.no_roi else [])
             report["studies"][name] = entry
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
