@@ -150,17 +150,30 @@ def _score(
 
 
 def _to_source_grid(labels: np.ndarray, scored: Volume, source: Volume) -> np.ndarray:
-    """Labels of an untilted grid, nearest-neighbour on the source (tilted) grid, for the SEG."""
+    """Labels of an untilted grid, nearest-neighbour on the source (tilted) grid, for the SEG.
+
+    Only the source voxels whose position can fall in the labelled box of the scored grid are looked up (a full
+    grid of coordinates would take gigabytes for a 512 x 512 x 160 head).
+    """
     if scored is source:
         return labels
+    out = np.zeros(source.hu.shape, dtype=np.uint8)
+    found = np.argwhere(labels)
+    if len(found) == 0:
+        return out
     from scipy import ndimage
 
-    k, j, i = np.meshgrid(*(np.arange(n) for n in source.hu.shape), indexing="ij")
-    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).reshape(-1, 4).T
+    lo, hi = found.min(axis=0) - 1, found.max(axis=0) + 1  # (k, j, i) in the scored grid
+    corners = np.array([[i, j, k, 1.0] for k in (lo[0], hi[0]) for j in (lo[1], hi[1]) for i in (lo[2], hi[2])])
+    in_source = (np.linalg.inv(source.affine_lps) @ scored.affine_lps @ corners.T)[:3]  # (i, j, k) rows
+    start = np.maximum(np.floor(in_source.min(axis=1)).astype(int) - 1, 0)
+    stop = np.minimum(np.ceil(in_source.max(axis=1)).astype(int) + 2, source.hu.shape[::-1])
+    i, j, k = np.meshgrid(*(np.arange(a, b) for a, b in zip(start, stop, strict=True)), indexing="ij")
+    ijk1 = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
     to_scored = np.linalg.inv(scored.affine_lps) @ source.affine_lps @ ijk1
-    coords = to_scored[[2, 1, 0]]  # (k, j, i) of the scored grid
-    out = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
-    return out.reshape(source.hu.shape).astype(np.uint8)
+    values = ndimage.map_coordinates(labels, to_scored[[2, 1, 0]], order=0, mode="constant", cval=0)
+    out[k.ravel(), j.ravel(), i.ravel()] = values
+    return out
 
 
 def segment_calcium(name: str, vol: Volume, models: Models, box: tuple[slice, ...] | None) -> np.ndarray:

@@ -643,6 +643,7 @@ def check_coverage_head(hu: np.ndarray, spacing_kji: Sequence[float], limits: Ma
 
 ROI_MARGIN_MM = 15.0  # around the heart / the petrous bones: the coronary ostia sit on the aortic root
 ICA_ABOVE_PETROUS_ROI_MM = 45.0  # the supraclinoid ICA ends 15-25 mm above the petrous bones
+ICA_ROI_MARGIN_MM = 35.0  # in-plane around the petrous bones: the siphon runs up to ~30 mm anterior of them
 
 
 def _native_box(lo: Sequence[int], hi: Sequence[int], factor: Sequence[int], margin_vox: Sequence[float], shape):
@@ -670,7 +671,7 @@ def heart_box(hu: np.ndarray, spacing_kji: Sequence[float], limits: Mapping[str,
 def skull_base_box(
     hu: np.ndarray, spacing_kji: Sequence[float], limits: Mapping[str, float]
 ) -> tuple[slice, ...] | None:
-    """The ICA's region: the petrous bones' in-plane extent plus ROI_MARGIN_MM, from the first slice to
+    """The ICA's region: the petrous bones' in-plane extent plus ICA_ROI_MARGIN_MM, from the first slice to
     ICA_ABOVE_PETROUS_ROI_MM above the petrous bones, on the native [k, j, i] grid; None without a skull base."""
     hu, spacing = _check_volume(hu, spacing_kji)
     h, sp = _working_grid(hu, spacing, limits["working_pixel_mm"])
@@ -684,7 +685,7 @@ def skull_base_box(
     lo = (0, *idx.min(axis=0)[1:])
     hi = (band[1] + int(round(ICA_ABOVE_PETROUS_ROI_MM / sp[0])), *idx.max(axis=0)[1:])
     factor = (1, hu.shape[1] // h.shape[1], hu.shape[2] // h.shape[2])
-    margin = (0.0, ROI_MARGIN_MM / spacing[1], ROI_MARGIN_MM / spacing[2])
+    margin = (0.0, ICA_ROI_MARGIN_MM / spacing[1], ICA_ROI_MARGIN_MM / spacing[2])
     return _native_box(lo, hi, factor, margin, hu.shape)
 
 
