@@ -47,7 +47,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-roi", action="store_true", help="run the calcium models on the whole volume, not the heart / skull base"
     )
+    p.add_argument(
+        "--max-volume-mb",
+        type=_positive_mb,
+        metavar="MB",
+        help="memory budget of one series' volume; a larger series is not scored "
+        "(default: $CALCIMAP_MAX_VOLUME_MB or 1024)",
+    )
     return p.parse_args(argv)
+
+
+def _positive_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of megabytes")
+    return value
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -82,7 +99,14 @@ def preflight(args: argparse.Namespace) -> dict:
     from deploy_app.quality import load_limits
     from deploy_app.selection import load_rules
     from deploy_app.study import InputError, read_study
+    from deploy_app.volume import MAX_VOLUME_MB_ENV, VolumeError, max_volume_mb
 
+    if args.max_volume_mb is not None:  # the volume builder reads the budget from the environment
+        os.environ[MAX_VOLUME_MB_ENV] = repr(args.max_volume_mb)
+    try:
+        max_volume_mb()
+    except VolumeError as e:
+        raise CliError("input", str(e)) from None
     input_folder, output_folder = _paths(args)
     try:
         study = read_study(input_folder, headers_only=True)
@@ -159,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError(kind, f"{state.failed_stage}: {state.error}")
         if state.report is None:
             raise CliError("internal", "the graph ended without writing a report")
-    except CliError as e:
-        print(f"calcimap: error: {e}", file=sys.stderr)
+    except CliError as e:  # one line, whatever the message (a decoder's text may span several)
+        print(f"calcimap: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_CODES[e.kind]
     print(_summary(state.report, state.written))
     if not any(r and r["scored"] for r in state.report["paths"].values()):

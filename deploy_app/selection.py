@@ -274,9 +274,17 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _orientation(value: Any) -> str:
-    cosines = np.asarray([float(v) for v in value], dtype=float)
+def _orientation(value: Any) -> str | None:
+    """Main axis of the slice normal; None when the value is not six finite direction cosines with a normal."""
+    try:
+        cosines = np.asarray([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if cosines.shape != (6,) or not np.all(np.isfinite(cosines)):
+        return None
     normal = np.cross(cosines[:3], cosines[3:])
+    if not np.any(normal):
+        return None
     return ORIENTATIONS[int(np.argmax(np.abs(normal)))]
 
 
@@ -455,7 +463,8 @@ def _preference(ds: Dataset, item: Mapping[str, Any]) -> tuple[tuple[float, ...]
 
 
 def _frame_count(datasets: Sequence[Dataset]) -> int:
-    return sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets)
+    """Images in a series (for ranking only: an unreadable NumberOfFrames counts as 1; the volume builder judges)."""
+    return sum(max(1, int(_float(attribute(ds, "NumberOfFrames")) or 1)) for ds in datasets)
 
 
 def _series_number(ds: Dataset) -> int | None:

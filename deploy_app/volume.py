@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 from scipy import ndimage
 
 logger = logging.getLogger(__name__)
@@ -48,10 +50,29 @@ ORTHONORMAL_TOL = 1e-3
 SAME_ORIENTATION_TOL = 1e-4
 NO_TILT_DEG = 0.01  # below this a series counts as untilted (positions rounded to 1e-6 give ~1e-4 deg)
 TILT_TAG_MISMATCH_DEG = 0.5
+# Memory budget of one series' HU volume (float32), checked from the headers before any pixel is decoded. The
+# default, 1024 MB, is ~1000 slices of 512 x 512 (a 0.6 mm chest CT has ~600): enough for any series the app is
+# meant for, and within the MAP's 4 GiB (app.yaml) with the study's pixel data, the model inputs and the outputs.
+MAX_VOLUME_MB_ENV = "CALCIMAP_MAX_VOLUME_MB"
+DEFAULT_MAX_VOLUME_MB = 1024.0
 
 
 class VolumeError(ValueError):
     """A series that cannot be turned into a volume; the message names the series and the fault."""
+
+
+def max_volume_mb() -> float:
+    """The series memory budget in MB: ``$CALCIMAP_MAX_VOLUME_MB`` (set by ``--max-volume-mb``) or the default."""
+    text = os.environ.get(MAX_VOLUME_MB_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_VOLUME_MB
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise VolumeError(f"{MAX_VOLUME_MB_ENV}={text!r} is not a positive number of megabytes")
+    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,9 +155,12 @@ def _rescale(item: Dataset | None, where: str, series: str) -> tuple[float, floa
     if "ModalityLUTSequence" in item:
         raise VolumeError(f"{series}: {where} uses a Modality LUT instead of rescale slope/intercept (not supported)")
     try:
-        return float(item.get("RescaleSlope", 1.0) or 1.0), float(item.get("RescaleIntercept", 0.0) or 0.0)
+        slope, intercept = float(item.get("RescaleSlope", 1.0) or 1.0), float(item.get("RescaleIntercept", 0.0) or 0.0)
     except (TypeError, ValueError) as exc:
         raise VolumeError(f"{series}: {where} has an unreadable rescale slope or intercept") from exc
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        raise VolumeError(f"{series}: {where} has rescale slope {slope:g} and intercept {intercept:g}, not HU")
+    return slope, intercept
 
 
 def _thickness(item: Dataset | None) -> float | None:
@@ -178,7 +202,7 @@ def _multi_frames(ds: Dataset, index: int, series: str) -> list[_Frame]:
     """The frames of an Enhanced / Legacy Converted Enhanced CT object, geometry from its functional groups."""
     instance = _instance_name(ds, index)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = _int(ds, "NumberOfFrames", 1, instance, series)
     if len(per_frame) != n_frames:
         raise VolumeError(
             f"{series}: {instance} has {n_frames} frames but {len(per_frame)} per-frame functional group items"
@@ -219,6 +243,31 @@ def _is_multi_frame(ds: Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds
 
 
+def _int(ds: Dataset, keyword: str, default: int | None, where: str, series: str) -> int | None:
+    """An integer attribute (``default`` when absent or empty); an unreadable value is the series' fault."""
+    try:
+        value = ds.get(keyword)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise VolumeError(f"{series}: {where} has an unreadable {keyword}") from exc
+
+
+def _check_budget(datasets: Sequence[Dataset], series: str) -> None:
+    """Refuse a series whose float32 HU volume would exceed :func:`max_volume_mb`, before decoding anything."""
+    first = datasets[0]
+    rows = _int(first, "Rows", 0, _instance_name(first, 0), series) or 0
+    cols = _int(first, "Columns", 0, _instance_name(first, 0), series) or 0
+    frames = sum(_int(ds, "NumberOfFrames", 1, _instance_name(ds, i), series) or 1 for i, ds in enumerate(datasets))
+    megabytes = frames * rows * cols * 4 / 2**20
+    budget = max_volume_mb()
+    if megabytes > budget:
+        raise VolumeError(
+            f"{series}: {frames} slices of {rows} x {cols} make a {megabytes:,.0f} MB volume, more than the "
+            f"{budget:,.0f} MB memory budget (raise it with --max-volume-mb or {MAX_VOLUME_MB_ENV} if the machine "
+            "has the memory)"
+        )
+
+
 def _check_instances(datasets: Sequence[Dataset]) -> str:
     """Series-level checks (one series, CT, pixel data, one matrix size and frame of reference); returns its name."""
     if not datasets:
@@ -228,18 +277,30 @@ def _check_instances(datasets: Sequence[Dataset]) -> str:
     uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
     if len(uids) > 1:
         raise VolumeError(f"the images belong to {len(uids)} different series ({', '.join(uids)}); pass one series")
+    seen: dict[str, str] = {}
     for index, ds in enumerate(datasets):
         name = _instance_name(ds, index)
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        if sop_uid and sop_uid in seen:
+            raise VolumeError(
+                f"{series}: {name} is in the input twice (SOPInstanceUID {sop_uid}, also {seen[sop_uid]}); "
+                "remove the duplicate file"
+            )
+        seen[sop_uid] = name
         modality = str(ds.get("Modality", "") or "")
         if modality.upper() != "CT":
             raise VolumeError(f"{series}: {name} is modality {modality or '(none)'!r}, not CT")
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise VolumeError(f"{series}: {name} has no pixel data (were only the headers read?)")
+            raise VolumeError(f"{series}: {name} has no pixel data (the file holds only its header)")
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
         if photometric != "MONOCHROME2":
             raise VolumeError(f"{series}: {name} is {photometric}; CT HU images must be MONOCHROME2")
-        if not _is_multi_frame(ds) and int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        if not _is_multi_frame(ds) and _int(ds, "NumberOfFrames", 1, name, series) != 1:
             raise VolumeError(f"{series}: {name} has several frames but no per-frame functional groups")
+        for keyword in ("Rows", "Columns"):
+            size = _int(ds, keyword, None, name, series)
+            if size is None or size < 1:
+                raise VolumeError(f"{series}: {name} has no valid {keyword} ({ds.get(keyword)!r})")
         for keyword in ("Rows", "Columns", "FrameOfReferenceUID"):
             if ds.get(keyword) != first.get(keyword):
                 raise VolumeError(
@@ -326,6 +387,24 @@ def _check_stack(frames: list[_Frame], normal: np.ndarray, series: str) -> tuple
     return step_vector, float(np.dot(step_vector, normal))
 
 
+def _check_decoder(ds: Dataset, name: str, series: str) -> None:
+    """A compressed transfer syntax this installation cannot decode is named as such (pydicom's message lists
+    plugins to install, which is for the app's maintainers, not its users)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not syntax or not getattr(syntax, "is_transfer_syntax", False) or not syntax.is_compressed:
+        return
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:  # a transfer syntax pydicom has no decoder class for at all
+        available = False
+    if not available:
+        raise VolumeError(
+            f"{series}: {name} is compressed as {syntax.name}, which this installation cannot decode; "
+            "send the series uncompressed or as JPEG Lossless, JPEG 2000, JPEG-LS, RLE or deflate"
+        )
+
+
 def _frame_pixels(datasets: Sequence[Dataset], frames: list[_Frame], series: str) -> np.ndarray:
     """HU of ``frames`` in their order, float32 [k, j, i]; each instance is decoded once."""
     decoded: dict[int, np.ndarray] = {}
@@ -334,6 +413,7 @@ def _frame_pixels(datasets: Sequence[Dataset], frames: list[_Frame], series: str
     for k, frame in enumerate(frames):
         if frame.dataset_index not in decoded:
             ds = datasets[frame.dataset_index]
+            _check_decoder(ds, frame.name, series)
             try:
                 pixels = ds.pixel_array
             except Exception as exc:  # pydicom raises several types for missing decoders and corrupt data
@@ -344,22 +424,28 @@ def _frame_pixels(datasets: Sequence[Dataset], frames: list[_Frame], series: str
             decoded[frame.dataset_index] = pixels.reshape(n, rows, cols)
         plane = decoded[frame.dataset_index][frame.frame_index or 0]
         out[k] = (plane.astype(np.float64) * frame.slope + frame.intercept).astype(np.float32)
+        if not np.isfinite(out[k]).all():  # a rescale that overflows float32
+            raise VolumeError(f"{series}: {frame.name} gives non-finite HU (rescale slope {frame.slope:g})")
     return out
 
 
 def build_volume(datasets: Sequence[Dataset]) -> Volume:
     """The CT volume of one series (single-frame slices in any order, or multi-frame CT objects).
 
-    Raises :class:`VolumeError`, naming the series and the fault, for: no images; several series; not CT or no
+    Raises :class:`VolumeError`, naming the series and the fault, for: no images; several series; an instance
+    given twice (same SOPInstanceUID); not CT or no
     pixel data; differing Rows, Columns, PixelSpacing, ImageOrientationPatient or FrameOfReferenceUID; an
     orientation that is not orthonormal; a missing ImagePositionPatient; duplicate positions; a missing slice
     ("missing slice(s) between z=... and z=...: gap 6.0 mm where the increment is 3.0 mm") or otherwise irregular
     spacing (tolerance ``max(1 % of the increment, 0.01 mm)``, see ``SPACING_RTOL``); slice origins off one line;
-    a single slice (a volume needs >= 2: the increment is unknown from one slice). Gantry tilt is accepted and
+    a single slice (a volume needs >= 2: the increment is unknown from one slice); a volume over the memory
+    budget (:func:`max_volume_mb`, from the headers, before decoding); pixel data that cannot be decoded or is
+    cut short. Gantry tilt is accepted and
     kept as a sheared affine; :func:`untilt` resamples it.
     """
     datasets = list(datasets)
     series = _check_instances(datasets)
+    _check_budget(datasets, series)
     frames: list[_Frame] = []
     for index, ds in enumerate(datasets):
         frames.extend(_multi_frames(ds, index, series) if _is_multi_frame(ds) else [_single_frame(ds, index, series)])

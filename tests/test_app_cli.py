@@ -192,7 +192,7 @@ def test_missing_empty_and_non_dicom_inputs_fail_before_anything_runs(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "notes.txt").write_text("not an image")
-    assert_one_line_error(run_app("-i", str(bad), "-o", str(out)), "input", "not a DICOM file", out)
+    assert_one_line_error(run_app("-i", str(bad), "-o", str(out)), "input", "no DICOM files in", out)
 
 
 def test_truncated_dicom_file_is_named_in_the_error(study, tmp_path):
