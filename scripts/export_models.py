@@ -70,20 +70,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         current = args.out / spec.name / MODEL_FILE
         kept = old.get(spec.name, {})
+        version = json.loads((spec.bundle_root / "configs" / spec.metadata).read_text())["version"]
         if current.is_file() and kept.get("weights_sha256") == sha256(ckpt) and kept.get("sha256") == sha256(current):
             logger.info("%s is up to date", current)
-            manifest[spec.name] = kept
+            manifest[spec.name] = {**kept, "bundle_version": version}
             continue
         try:
             path = export(spec, args.out)
         except RuntimeError as e:
             print(f"export_models: error: {e}", file=sys.stderr)
             return 1
-        meta = json.loads((spec.bundle_root / "configs" / spec.metadata).read_text())
         manifest[spec.name] = {
             "sha256": sha256(path),
             "bundle": spec.bundle,
-            "bundle_version": meta["version"],
+            "bundle_version": version,
             "weights": f"bundles/{spec.bundle}/models/{spec.weights}",
             "weights_sha256": sha256(ckpt),
         }

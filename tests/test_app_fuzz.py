@@ -127,7 +127,7 @@ def _set_raw(ds: pydicom.Dataset, keyword: str, action: str, value: bytes) -> No
 def _mutate_pixels(ds: pydicom.Dataset, how: str, at: int, junk: bytes) -> None:
     if "PixelData" not in ds:
         return
-    data = bytes(ds.PixelData)
+    data = bytes(ds.PixelData or b"")  # an earlier step may have emptied it
     if how == "cut":
         data = data[: min(at, len(data))]
     elif how == "pad":

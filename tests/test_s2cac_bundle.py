@@ -193,8 +193,8 @@ def test_evaluating_writes_a_report_with_intervals_and_targets(trained, tiny_che
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3 open: no S2CAC weights are shipped yet (the first GPU run, 400 iterations, still labels 96 % "
-    "of calcium-free phantoms; docs/README.md#performance); remove this marker when models/model.pt lands",
+    reason="issue 3 open: the shipped S2CAC weights are CPU demo weights far from the release targets (they label "
+    "bright bone as calcium; docs/README.md#performance); remove this marker when weights meet the targets",
 )
 def test_shipped_weights_find_no_coronary_calcium_on_the_real_abdominal_ct(real_ct_dir, tmp_path):
     """The real series is contrast-enhanced abdomen with bone: far above 130 HU, but no coronary calcium."""
