@@ -169,6 +169,8 @@ def _summary(report: dict, written: list[Path]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Holoscan's own (C++) log follows -l unless the user set HOLOSCAN_LOG_LEVEL; read when Holoscan loads.
+    os.environ.setdefault("HOLOSCAN_LOG_LEVEL", {"WARNING": "WARN"}.get(args.log_level, args.log_level))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         setup = preflight(args)

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in ("coronary", "ica"):
         print("\n".join(_table(path, report, truth.get(path))))
     print("(truth: the same scorer on the phantom's true calcium labels; research software, not for diagnostic use)")
+    print("The shipped S2CAC weights are CPU demo weights far from the release targets (bundle docs, Performance).")
     print()
     for name in ("coronary_seg.dcm", "coronary_sr.dcm", "ica_seg.dcm", "ica_sr.dcm", "report_pdf.dcm", "report.pdf"):
         if (results / name).exists():
