@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from deploy_app.models import ModelSpec
+from deploy_app.volume import LPS_TO_RAS
 
 logger = logging.getLogger(__name__)
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def default_device() -> torch.device:

@@ -14,15 +14,6 @@ from deploy_app.pipeline import NO_SERIES, PATHS, PathResult
 from deploy_app.selection import acquisition_facts
 from deploy_app.study import Study
 
-SEGMENT_SET = {"coronary": "coronary", "ica": "ica"}
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
-        return None
-
 
 def series_facts(result: PathResult) -> dict[str, Any]:
     first = result.choice.datasets[0]
@@ -56,7 +47,7 @@ def path_report(result: PathResult, models: list[dict[str, Any]]) -> dict[str, A
         "scored": result.scored,
         "not_scored_reason": result.not_scored_reason,
         "scores": result.score.as_dict() if result.scored else None,
-        "segment_set": SEGMENT_SET[result.path],
+        "segment_set": result.path,  # the paths are named after their segment sets
         "models": models,
         "model_region_kji": result.roi,
         "timings_s": dict(result.timings),
