@@ -110,10 +110,18 @@ def _raise_stack() -> None:
         resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
 
 
-def run_app(input_dir: Path, output_dir: Path, log_file: Path, timeout_s: float, models: str | None = None) -> int:
+@dataclass(frozen=True)
+class AppRun:
+    """One run of the app: its exit code and its own peak resident memory (for ``status`` and stability)."""
+
+    code: int
+    peak_rss_mb: float
+
+
+def run_app(input_dir: Path, output_dir: Path, log_file: Path, timeout_s: float, models: str | None = None) -> AppRun:
     """Run ``python -m deploy_app`` on one study folder; its stdout and stderr go to ``log_file``.
 
-    Returns the app's exit code (0 scored, 4 not scored but reports written, others: see deploy_app.cli).
+    The exit code is 0 scored, 4 not scored but reports written, others: see deploy_app.cli.
     A run past ``timeout_s`` is killed and raises a :class:`BridgeError` ("timeout").
     """
     cmd = [sys.executable, "-m", "deploy_app", "-i", str(input_dir), "-o", str(output_dir), "-l", "WARNING"]
@@ -124,12 +132,24 @@ def run_app(input_dir: Path, output_dir: Path, log_file: Path, timeout_s: float,
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_raise_stack)
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + timeout_s
+    # os.wait4 rather than Popen.wait: it also gives this child's own resource usage (RUSAGE_CHILDREN would
+    # only give the largest child so far).
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return AppRun(proc.returncode, usage.ru_maxrss / 1024.0)  # Linux: kB
+        if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-            raise BridgeError("timeout", f"the app ran past the {timeout_s:g} s timeout and was stopped") from None
+            raise BridgeError("timeout", f"the app ran past the {timeout_s:g} s timeout and was stopped")
+        time.sleep(0.1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def app_error_line(log_file: Path) -> str:

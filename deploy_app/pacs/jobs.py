@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy_app.pacs.common import BridgeError, app_error_line, check_disk, result_files, run_app
+from deploy_app.pacs.common import BridgeError, app_error_line, check_disk, peak_rss_mb, result_files, run_app
 from deploy_app.pacs.state import BridgeState
 
 logger = logging.getLogger("calcimap.pacs")
@@ -52,9 +52,9 @@ def process_study(
         out = opts.folder("results", study)
         log = opts.workdir / "logs" / f"{study}.log"
         logger.info("running the app on study %s", study)
-        code = run_app(input_dir, out, log, opts.timeout_s, opts.models)
-        if code not in (APP_OK, APP_NOT_SCORED):
-            raise BridgeError("app", f"the app failed on study {study} (exit {code}): {app_error_line(log)}")
+        app = run_app(input_dir, out, log, opts.timeout_s, opts.models)
+        if app.code not in (APP_OK, APP_NOT_SCORED):
+            raise BridgeError("app", f"the app failed on study {study} (exit {app.code}): {app_error_line(log)}")
         files = result_files(out)
         if not files:
             raise BridgeError("app", f"the app wrote no DICOM object for study {study}")
@@ -68,8 +68,9 @@ def process_study(
             failed.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(input_dir), failed)
         raise
-    outcome = "scored" if code == APP_OK else "not scored"
-    state.finished(study, outcome, stored, time.monotonic() - start)
+    outcome = "scored" if app.code == APP_OK else "not scored"
+    memory = {"app_peak_rss_mb": round(app.peak_rss_mb, 1), "bridge_peak_rss_mb": round(peak_rss_mb(), 1)}
+    state.finished(study, outcome, stored, time.monotonic() - start, memory)
     shutil.rmtree(input_dir, ignore_errors=True)  # results are stored: the received instances can go
     cleanup_results(opts)
     logger.info("study %s done: %s, %d objects stored", study, outcome, len(stored))

@@ -62,11 +62,15 @@ class BridgeState:
 
         self._update(change)
 
-    def finished(self, study: str, outcome: str, stored: list[str], seconds: float) -> None:
-        """A study whose results are in the PACS (``outcome``: scored, not scored, already done)."""
+    def finished(
+        self, study: str, outcome: str, stored: list[str], seconds: float, memory: dict[str, float] | None = None
+    ) -> None:
+        """A study whose results are in the PACS (``outcome``: scored, not scored, already done); ``memory``: the
+        app run's peak RSS and the bridge's own peak so far, in MB."""
 
         def change(d: dict) -> None:
             item = {"study": study, "outcome": outcome, "stored": stored, "seconds": round(seconds, 1), "at": _now()}
+            item.update(memory or {})
             d["results"] = [item, *d["results"]][:KEEP_LAST]
             d["processed"][study] = _now()
             d["running"] = None
@@ -100,7 +104,9 @@ def format_status(data: dict[str, Any]) -> str:
     lines.append(f"processed: {len(data['processed'])} studies")
     lines.append("last results:")
     lines += [
-        f"  {r['at']} {r['study']} {r['outcome']} ({len(r['stored'])} objects, {r['seconds']} s)"
+        f"  {r['at']} {r['study']} {r['outcome']} ({len(r['stored'])} objects, {r['seconds']} s"
+        + (f", app peak {r['app_peak_rss_mb'] / 1024:.2f} GB" if "app_peak_rss_mb" in r else "")
+        + ")"
         for r in data["results"][:10]
     ] or ["  none"]
     lines.append("last errors:")
