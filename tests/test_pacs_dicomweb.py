@@ -30,8 +30,8 @@ EXPECTED = {"SEG": 1, "SR": 1, "DOC": 1}  # chest only: coronary SEG + SR, and t
 PATIENT_DATA = ("CALCIMAP^DEMO", "CMDEMO0001", "19580312")  # make_study's patient: never in a log line
 
 
-def bridge(*args: str, env_auth: bool = True, **popen) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def bridge(*args: str, env_auth: bool = True, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     env.pop("CALCIMAP_PACS_TOKEN", None)
     if env_auth:
         env.update(CALCIMAP_PACS_USER=USER, CALCIMAP_PACS_PASSWORD=PASSWORD)
@@ -251,3 +251,35 @@ def test_orthanc_down_mid_way_then_back(pacs, stored, tmp_path):
     assert "STOW-RS of" in text and "failed (attempt 1/30: ConnectionError" in text
     assert orthanc.modality_counts(study) == {"CT": n_ct, **EXPECTED}  # no duplicates after the retried store
     assert not any(p in text for p in PATIENT_DATA)
+
+
+def test_watch_processes_a_new_study_once(pacs, stored, tmp_path):
+    """A second study arrives: one ``watch --orthanc --once`` pass runs the app on it alone (the first is done)."""
+    orthanc: Orthanc = pacs[0]
+    first = pacs[1]
+    make_study(tmp_path / "second", chest=(0, 2), head=None, study_key="dicomweb-second")
+    files = sorted((tmp_path / "second" / "dicom").rglob("*.dcm"))
+    second = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert set(c_store(files, orthanc.dicom_port)) == {0}
+    deadline = time.monotonic() + 60
+    while not _is_stable(orthanc, second):  # watch takes a study once Orthanc calls it stable
+        assert time.monotonic() < deadline, "Orthanc did not call the study stable within 60 s"
+        time.sleep(0.5)
+    workdir = tmp_path / "work"
+    r = run_bridge("dicomweb", "watch", "--url", orthanc.dicomweb, "--orthanc", orthanc.url, "--once",
+                   "--workdir", str(workdir))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert orthanc.modality_counts(second) == {"CT": len(files), **EXPECTED}
+    data = json.loads(run_bridge("status", "--json", "--workdir", str(workdir), timeout=60).stdout)
+    outcomes = {x["study"]: x["outcome"] for x in data["results"]}
+    assert outcomes == {first: "already done", second: "scored"}
+    assert sorted(data["processed"]) == sorted([first, second])
+    again = run_bridge("dicomweb", "watch", "--url", orthanc.dicomweb, "--orthanc", orthanc.url, "--once",
+                       "--workdir", str(workdir), timeout=120)  # fmt: skip
+    assert again.returncode == 0 and "running the app" not in again.stderr  # nothing new in the feed
+    assert orthanc.modality_counts(second) == {"CT": len(files), **EXPECTED}
+
+
+def _is_stable(orthanc: Orthanc, study_uid: str) -> bool:
+    found = requests.post(f"{orthanc.url}/tools/lookup", data=study_uid, auth=orthanc.auth, timeout=30).json()
+    return bool(found) and orthanc.get(f"/studies/{found[0]['ID']}")["IsStable"]

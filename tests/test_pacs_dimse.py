@@ -56,6 +56,7 @@ def routed(tmp_path_factory):
         with open(log, "w") as err:
             proc = bridge(
                 "dimse", "serve", "--ae", "CALCIMAP", "--port", str(port), "--bind", "127.0.0.1",
+                "--allow-ae", ORTHANC_AE, "--allow-ae", "TESTSCU",
                 "--dest-ae", ORTHANC_AE, "--dest-host", "127.0.0.1", "--dest-port", str(orthanc.dicom_port),
                 "--quiet", str(QUIET_S), "--retry-delay", "1", "--workdir", str(workdir),
                 stdout=subprocess.DEVNULL, stderr=err,

@@ -2,7 +2,8 @@
 
     python -m deploy_app.pacs dicomweb run --url URL --study UID [--force]
     python -m deploy_app.pacs dicomweb watch --url URL [--orthanc URL] [--days N] [--interval S] [--once]
-    python -m deploy_app.pacs dimse serve --ae CALCIMAP --port 11112 --dest-ae PACS --dest-host H --dest-port P
+    python -m deploy_app.pacs dimse serve --ae CALCIMAP --port 11112 --dest-ae PACS --dest-host H --dest-port P \\
+        [--allow-ae PACS]
     python -m deploy_app.pacs status [--json]
 
 Credentials come from ``--credentials FILE`` (JSON) or the environment (``CALCIMAP_PACS_USER``,
@@ -83,6 +84,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     serve.add_argument("--ae", default="CALCIMAP", help="our AE title")
     serve.add_argument("--port", type=int, default=11112, help="port to listen on")
     serve.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    serve.add_argument(
+        "--allow-ae",
+        action="append",
+        default=[a for a in os.environ.get("CALCIMAP_PACS_ALLOW_AE", "").split(",") if a.strip()],
+        metavar="AE",
+        help="accept associations only from this calling AE title (repeat for more; default: "
+        "$CALCIMAP_PACS_ALLOW_AE, comma-separated, else any)",
+    )
     serve.add_argument("--dest-ae", required=True, help="AE title that receives the results (the PACS)")
     serve.add_argument("--dest-host", required=True)
     serve.add_argument("--dest-port", type=int, required=True)
@@ -130,7 +139,8 @@ def _dimse(args: argparse.Namespace) -> int:
 
     opts, retry = _options(args)
     dest = Destination(args.dest_ae, args.dest_host, args.dest_port)
-    scp = StoreScp(args.ae, args.port, dest, opts, retry, args.quiet, args.requeue_after, args.bind)
+    allow = tuple(a.strip() for a in args.allow_ae)
+    scp = StoreScp(args.ae, args.port, dest, opts, retry, args.quiet, args.requeue_after, args.bind, allow)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

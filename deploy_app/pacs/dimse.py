@@ -5,7 +5,8 @@ for ``quiet_s`` seconds is complete: it moves to ``processing/<study>/`` and joi
 run at a time). Its results go to the destination AE by C-STORE with retries; only then are its instances
 deleted. Instances that arrive later for the same study start a new round (the results' UIDs are deterministic,
 so the PACS receives the same objects again, never duplicates). Studies left on disk by an earlier run (a crash,
-a PACS outage) are queued again at start. C-ECHO is answered.
+a PACS outage) are queued again at start. C-ECHO is answered. With an allow-list (``--allow-ae``) associations from
+other calling AE titles are rejected.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ class StoreScp:
         quiet_s: float = 30.0,
         requeue_s: float = 300.0,
         bind: str = "0.0.0.0",
+        allow_ae: tuple[str, ...] = (),
     ):
         self.ae_title, self.port, self.bind, self.dest = ae_title, port, bind, dest
+        self.allow_ae = allow_ae  # calling AE titles accepted; empty: any
         self.opts, self.retry, self.quiet_s, self.requeue_s = opts, retry, quiet_s, requeue_s
         self.state = BridgeState(opts.workdir)
         self.incoming, self.processing = opts.workdir / "incoming", opts.workdir / "processing"
@@ -192,6 +195,10 @@ class StoreScp:
         ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
+        if self.allow_ae:
+            ae.require_calling_aet = list(self.allow_ae)  # others are rejected at association
+        else:
+            logger.warning("accepting associations from any calling AE title (--allow-ae limits them)")
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
         self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers)
         for target in (self._monitor, self._worker):
