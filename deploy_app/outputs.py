@@ -53,6 +53,7 @@ def key_images(result: PathResult) -> KeyImages:
         pixel_spacing_mm=vol.pixel_spacing_mm,
         increment_mm=vol.increment_mm,
         slice_positions_mm=positions,
+        in_plane_directions_lps=tuple(tuple(float(v) for v in a[:, n] / np.linalg.norm(a[:, n])) for n in (0, 1)),
     )
 
 

@@ -97,6 +97,9 @@ class KeyImages:
     pixel_spacing_mm: tuple[float, float]
     increment_mm: float
     slice_positions_mm: tuple[float, ...] | None = None
+    # LPS unit directions of increasing column index i and row index j (DICOM ImageOrientationPatient): when
+    # given, the images carry orientation letters at their edges.
+    in_plane_directions_lps: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
 
     def __post_init__(self) -> None:
         hu, labels = np.asarray(self.hu), np.asarray(self.labels)
@@ -109,11 +112,23 @@ class KeyImages:
             raise ValueError(f"pixel spacing and increment must be positive mm, got {spacing}")
         if self.slice_positions_mm is not None and len(self.slice_positions_mm) != hu.shape[0]:
             raise ValueError(f"{len(self.slice_positions_mm)} slice positions for {hu.shape[0]} slices")
+        if self.in_plane_directions_lps is not None:
+            d = np.asarray(self.in_plane_directions_lps, dtype=float)
+            if d.shape != (2, 3) or not np.allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-3):
+                raise ValueError(f"in-plane directions must be two LPS unit vectors, got {d.tolist()}")
 
     def position_mm(self, k: int) -> float:
         if self.slice_positions_mm is not None:
             return float(self.slice_positions_mm[k])
         return k * float(self.increment_mm)
+
+
+def orientation_label(direction_lps: Sequence[float]) -> str:
+    """The patient-direction letters an image edge faces (DICOM PS3.3 C.7.6.1.1.1: L/R, P/A, H/F), strongest
+    first; components under 0.25 are left out, so an axial row reads "L" and an oblique one e.g. "LA"."""
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))  # LPS axes: negative, positive
+    order = np.argsort(-np.abs(np.asarray(direction_lps, dtype=float)), kind="stable")
+    return "".join(letters[a][int(direction_lps[a] > 0)] for a in order if abs(direction_lps[a]) >= 0.25)
 
 
 @dataclass(frozen=True)
@@ -605,6 +620,20 @@ def _scale_bar(ax: Any, x0: float, y0: float, length_mm: float, view_mm: float) 
     ax.text(x0 + length_mm / 2, label_y, f"{length_mm:g} mm", color="white", fontsize=7, ha="center", va="bottom")
 
 
+def _orientation_marks(ax: Any, x0: float, x1: float, y0: float, y1: float, images: KeyImages) -> None:
+    """Orientation letters at the middle of each edge of the view [x0, x1] x [y0, y1] (mm, y down)."""
+    if images.in_plane_directions_lps is None:
+        return
+    along_i, along_j = (np.asarray(d, dtype=float) for d in images.in_plane_directions_lps)
+    inset_x, inset_y = 0.03 * (x1 - x0), 0.03 * (y1 - y0)
+    style = {"color": "white", "fontsize": 8, "fontweight": "bold"}
+    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+    ax.text(x0 + inset_x, ym, orientation_label(-along_i), ha="left", va="center", **style)
+    ax.text(x1 - inset_x, ym, orientation_label(along_i), ha="right", va="center", **style)
+    ax.text(xm, y0 + inset_y, orientation_label(-along_j), ha="center", va="top", **style)
+    ax.text(xm, y1 - inset_y, orientation_label(along_j), ha="center", va="bottom", **style)
+
+
 def _image_axes(fig: Figure, x: float, y: float, size: float) -> Any:
     ax = fig.add_axes((x / PAGE_IN[0], 1 - (y + size) / PAGE_IN[1], size / PAGE_IN[0], size / PAGE_IN[1]))
     ax.set_facecolor("black")
@@ -695,6 +724,7 @@ def _key_image_pair(
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
     _scale_bar(ax, extent[1] * 0.06, extent[2] * 0.94, 50.0 if extent[1] > 120 else 20.0, extent[2])
+    _orientation_marks(ax, extent[0], extent[1], extent[3], extent[2], images)
     where = (
         f"z = {images.position_mm(k):.1f} mm"
         if images.slice_positions_mm is not None
@@ -719,6 +749,7 @@ def _key_image_pair(
     zoom.set_xlim(x0, x0 + side)
     zoom.set_ylim(y0 + side, y0)
     _scale_bar(zoom, x0 + 0.06 * side, y0 + 0.94 * side, 10.0, side)
+    _orientation_marks(zoom, x0, x0 + side, y0, y0 + side, images)
     caption.append("Calcium in this slice:")
     for segment in key_slice.segments:
         area = int((scored[k] == segment).sum()) * row_mm * col_mm

@@ -7,7 +7,9 @@ Built from small phantoms scored by the project's one scorer: a chest (coronary,
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -23,7 +25,14 @@ from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES as ICA_LA
 from bundles.s2cac_coronary_calcium.scripts.scoring import DEFAULT_LABEL_NAMES, acquisition_note, score_calcium
 from conftest import need_tool
 from deploy_app.dicom_output import Algorithm
-from deploy_app.pdf_report import KeyImages, KeySlice, fmt_number, render_report_pdf, select_key_slices
+from deploy_app.pdf_report import (
+    KeyImages,
+    KeySlice,
+    fmt_number,
+    orientation_label,
+    render_report_pdf,
+    select_key_slices,
+)
 from deploy_app.pdf_writer import build_pdf_dataset, pdf_uids, write_pdf
 from deploy_app.segment_sets import ICA
 from phantoms.dicom_series import read_ct_series
@@ -277,6 +286,44 @@ def test_select_key_slices_takes_each_segments_fullest_slice_and_the_middle_with
     assert select_key_slices(empty) == [KeySlice(5, ())]
 
 
+def test_orientation_label_names_the_patient_direction_an_edge_faces():
+    assert [orientation_label(v) for v in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))] == [
+        "L", "R", "P", "A", "H", "F",
+    ]  # fmt: skip
+    c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
+    assert orientation_label((c, -s, 0)) == "LA"  # a 20 degree oblique row: strongest first
+    assert orientation_label((0.1, 0.99, 0.0)) == "P"  # components under 0.25 are left out
+
+
+def _letters_at(data: bytes, page: int) -> dict[str, list[tuple[float, float]]]:
+    """Where single capital letters are drawn on a PDF page (x right, y up, points)."""
+    found: dict[str, list[tuple[float, float]]] = {}
+
+    def visit(text, cm, tm, font, size):
+        if len(text.strip()) in (1, 2) and text.strip().isupper():
+            found.setdefault(text.strip(), []).append((cm[4] + tm[4], cm[5] + tm[5]))
+
+    PdfReader(io.BytesIO(data)).pages[page].extract_text(visitor_text=visit)
+    return found
+
+
+@pytest.mark.parametrize("flip_columns", [False, True])
+def test_key_images_carry_orientation_letters_on_the_right_edges(report_and_images, flip_columns):
+    report, images = report_and_images
+    along_i = (-1.0, 0.0, 0.0) if flip_columns else (1.0, 0.0, 0.0)  # flipped: the image's right is the patient's
+    coronary = dataclasses.replace(images["coronary"], in_plane_directions_lps=(along_i, (0.0, 1.0, 0.0)))
+    data = render_report_pdf({**report, "paths": {"coronary": report["paths"]["coronary"]}}, {"coronary": coronary})
+    letters = _letters_at(data, len(PdfReader(io.BytesIO(data)).pages) - 1)  # the key-image page is last
+    assert {"R", "L", "A", "P"} <= letters.keys(), letters
+    n = len(letters["R"])
+    assert n >= 2 and all(len(letters[c]) == n for c in "LAP")  # every image, whole slice and enlarged, has all four
+    for (rx, _), (lx, _), (_, ay), (_, py) in zip(letters["R"], letters["L"], letters["A"], letters["P"], strict=True):
+        assert (rx > lx) if flip_columns else (rx < lx)  # right: on the viewer's left unless the columns run R
+        assert ay > py  # anterior at the top
+    plain = render_report_pdf({**report, "paths": {"coronary": report["paths"]["coronary"]}}, images)
+    assert "R" not in _letters_at(plain, len(PdfReader(io.BytesIO(plain)).pages) - 1)  # no directions, no letters
+
+
 def test_bad_input_raises_a_clear_value_error(report_and_images, chest_series):
     report, images = report_and_images
     with pytest.raises(ValueError, match="no key images"):
@@ -285,6 +332,8 @@ def test_bad_input_raises_a_clear_value_error(report_and_images, chest_series):
         render_report_pdf({**report, "paths": {"liver": None}}, images)
     with pytest.raises(ValueError, match="same 3D shape|one 3D shape"):
         KeyImages(np.zeros((2, 3, 3)), np.zeros((2, 3, 4), dtype=np.uint8), (1.0, 1.0), 1.0)
+    with pytest.raises(ValueError, match="two LPS unit vectors"):
+        dataclasses.replace(images["coronary"], in_plane_directions_lps=((2.0, 0.0, 0.0), (0.0, 1.0, 0.0)))
     wrong_labels = KeyImages(images["coronary"].hu, images["coronary"].labels * 9, (1.0, 1.0), 1.0)
     with pytest.raises(ValueError, match="segments 1..4"):
         render_report_pdf(report, {**images, "coronary": wrong_labels})
