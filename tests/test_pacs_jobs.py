@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +20,7 @@ from make_study import make_study
 from orthanc_fixture import c_store, free_port
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from test_pacs_dicomweb import run_bridge
+from test_pacs_dicomweb import bridge, run_bridge
 
 from deploy_app.pacs.common import BridgeError, Credentials, RetryPolicy
 from deploy_app.pacs.dimse import Destination, StoreScp
@@ -81,6 +82,34 @@ def test_timeout_stops_the_app_and_keeps_the_study(tmp_path, study_files):
     assert data["running"] is None and data["results"] == []
     assert [(x["study"], x["kind"]) for x in data["errors"]] == [(study, "timeout")]
     assert f"{study} [timeout] the app ran past" in format_status(data)
+
+
+def test_a_killed_bridge_takes_its_app_run_with_it(tmp_path, study_files):
+    """SIGKILL to ``dimse serve`` while the app runs: the app goes too (it would otherwise write results for a
+    study that the restarted bridge queues again), and the study stays in processing/ for that restart."""
+    study, files = study_files
+    workdir, log = tmp_path / "work", tmp_path / "bridge.log"
+    _received(workdir, study, files)  # left by an earlier run: queued at start
+    app_marker = str(workdir / "results" / study)
+    with open(log, "w") as err:
+        proc = bridge(
+            "dimse", "serve", "--port", str(free_port()), "--bind", "127.0.0.1", "--dest-ae", "SINK",
+            "--dest-host", "127.0.0.1", "--dest-port", str(free_port()), "--workdir", str(workdir),
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _processes_with(app_marker):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while _processes_with(app_marker):
+        assert time.monotonic() < deadline, "the app outlived the bridge"
+        time.sleep(0.1)
+    assert len(list((workdir / "processing" / study).rglob("*.dcm"))) == len(files)
 
 
 def test_disk_guard_refuses_before_the_app_runs(tmp_path, study_files):

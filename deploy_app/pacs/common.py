@@ -5,11 +5,13 @@ Nothing here logs patient data: log lines carry UIDs, counts and paths under the
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -103,7 +105,13 @@ def check_disk(folder: Path, min_free_gb: float) -> None:
         raise BridgeError("disk", f"only {free:.1f} GB free under {folder}; the bridge needs {min_free_gb:g} GB")
 
 
-def _raise_stack() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _prepare_app_process() -> None:
+    """In the app's child process before exec: die with the bridge (a bridge that is killed must not leave an app
+    writing results for a study that a restarted bridge queues again), and a stack Holoscan is happy with."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
     if soft != resource.RLIM_INFINITY and soft < APP_STACK_BYTES:
         want = APP_STACK_BYTES if hard == resource.RLIM_INFINITY else min(APP_STACK_BYTES, hard)
@@ -131,7 +139,7 @@ def run_app(input_dir: Path, output_dir: Path, log_file: Path, timeout_s: float,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_raise_stack)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_prepare_app_process)
     deadline = time.monotonic() + timeout_s
     # os.wait4 rather than Popen.wait: it also gives this child's own resource usage (RUSAGE_CHILDREN would
     # only give the largest child so far).
