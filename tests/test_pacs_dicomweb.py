@@ -203,7 +203,8 @@ def test_pacs_down_from_the_start_fails_clearly(tmp_path):
     assert "retrying in 0.1 s" in r.stderr
 
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_for_log(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until ``text`` is in the bridge's log ``path``; fails if the bridge ends first or time runs out."""
     deadline = time.monotonic() + timeout
     while text not in path.read_text():
         assert proc.poll() is None, f"the bridge ended early:\n{path.read_text()[-3000:]}"
@@ -236,9 +237,9 @@ def test_orthanc_down_mid_way_then_back(pacs, stored, tmp_path):
             stderr=err,
         )
         try:
-            _wait_for(log, "running the app on study", proc, 120)
+            wait_for_log(log, "running the app on study", proc, 120)
             orthanc.stop()  # while the app runs: the STOW-RS that follows meets a dead PACS
-            _wait_for(log, "; retrying in", proc, 600)
+            wait_for_log(log, "; retrying in", proc, 600)
             time.sleep(3)
             orthanc.start()
             out, _ = proc.communicate(timeout=300)

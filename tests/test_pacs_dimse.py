@@ -13,7 +13,6 @@ import json
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -23,21 +22,13 @@ from orthanc_fixture import ORTHANC_AE, c_store, orthanc_server
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from test_app_dicom_writers import dciodvfy
-from test_pacs_dicomweb import EXPECTED, PATIENT_DATA, bridge, run_bridge
+from test_pacs_dicomweb import EXPECTED, PATIENT_DATA, bridge, run_bridge, wait_for_log
 
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 N_STUDIES = 3
 QUIET_S = 8  # longer than Orthanc's StableAge plus its routing delay, so a study's series arrive as one round
-
-
-def _wait_log(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text():
-        assert proc.poll() is None, f"the bridge ended:\n{path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no '{text}' within {timeout} s"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +53,7 @@ def routed(tmp_path_factory):
                 stdout=subprocess.DEVNULL, stderr=err,
             )  # fmt: skip
         try:
-            _wait_log(log, "listening on", proc, 120)
+            wait_for_log(log, "listening on", proc, 120)
             yield orthanc, studies, workdir, log, port
         finally:
             proc.terminate()
