@@ -192,8 +192,11 @@ def _roi(result: PathResult, models: Models, limits: Mapping[str, float]) -> tup
         return None
     vol = result.scored_volume
     with Timer(result.timings, "roi"):
-        find = quality.heart_box if result.path == "coronary" else quality.skull_base_box
-        box = find(vol.hu, vol.spacing_kji, limits)
+        if result.path == "coronary":
+            box = quality.heart_box(vol.hu, vol.spacing_kji, limits)
+        else:
+            row_axis = vol.affine_lps[:3, 1] / np.linalg.norm(vol.affine_lps[:3, 1])
+            box = quality.skull_base_box(vol.hu, vol.spacing_kji, limits, j_posterior=float(row_axis[1]))
     if box is None:
         logger.warning("%s: no region of interest found; the model reads the whole volume", result.path)
     else:

@@ -54,8 +54,16 @@ def test_heart_box_holds_every_coronary_lesion(index):
         assert (labelled[:, axis] >= s.start).all() and (labelled[:, axis] < s.stop).all()
 
 
+def _in_scan_centreline_kji(case) -> np.ndarray:
+    """The ICA centreline points (both sides) inside the scan, as fractional [k, j, i] indices."""
+    points = np.concatenate([np.asarray(p) for p in case.truth["centrelines_mm"].values()])
+    ijk = case.grid.patient_to_index(points)
+    inside = (ijk[:, 2] >= 0) & (ijk[:, 2] <= case.grid.shape[0] - 1)
+    return ijk[inside][:, ::-1]
+
+
 @pytest.mark.parametrize("index", [1, 2, 6])
-def test_skull_base_box_holds_every_ica_lesion(index):
+def test_skull_base_box_holds_every_ica_lesion_and_the_ica_course(index):
     case = make_head_case(0, index, "medium", calcium="both", tilt_deg=0.0)
     spacing = (case.grid.increment_mm, case.grid.pixel_mm, case.grid.pixel_mm)
     box = quality.skull_base_box(case.arrays["image"], spacing, LIMITS)
@@ -64,3 +72,37 @@ def test_skull_base_box_holds_every_ica_lesion(index):
     assert len(labelled)
     for axis, s in enumerate(box):
         assert (labelled[:, axis] >= s.start).all() and (labelled[:, axis] < s.stop).all()
+    # the whole in-scan ICA course, with room for the vessel wall around it (5 mm in-plane)
+    course = _in_scan_centreline_kji(case)
+    assert len(course) > 10
+    clearance = 5.0 / case.grid.pixel_mm
+    for axis in (1, 2):
+        assert (course[:, axis] >= box[axis].start + clearance).all()
+        assert (course[:, axis] <= box[axis].stop - 1 - clearance).all()
+    # tighter than the field of view in-plane: that is what the box is for
+    assert (box[1].stop - box[1].start) * (box[2].stop - box[2].start) < 0.6 * case.grid.shape[1] * case.grid.shape[2]
+
+
+def test_skull_base_box_puts_its_anterior_margin_in_front_when_the_rows_run_front_to_back():
+    case = make_head_case(0, 2, "medium", calcium="both", tilt_deg=0.0)
+    spacing = (case.grid.increment_mm, case.grid.pixel_mm, case.grid.pixel_mm)
+    image, rows = case.arrays["image"], case.grid.shape[1]
+    course = _in_scan_centreline_kji(case)
+    flipped_course_j = rows - 1 - course[:, 1]
+
+    def holds(box, j) -> bool:
+        return bool(((j >= box[1].start) & (j <= box[1].stop - 1)).all())
+
+    usual = quality.skull_base_box(image, spacing, LIMITS, j_posterior=1.0)
+    flipped = quality.skull_base_box(image[:, ::-1], spacing, LIMITS, j_posterior=-1.0)
+    block = round(LIMITS["working_pixel_mm"] / case.grid.pixel_mm)  # the flip shifts the analysis grid's blocks
+    assert abs(flipped[1].start - (rows - usual[1].stop)) <= block
+    assert abs(flipped[1].stop - (rows - usual[1].start)) <= block
+    assert flipped[0] == usual[0] and flipped[2] == usual[2]
+    assert holds(usual, course[:, 1]) and holds(flipped, flipped_course_j)
+    # told the wrong way round, the box cuts off the siphon in front of the petrous bones
+    wrong = quality.skull_base_box(image[:, ::-1], spacing, LIMITS, j_posterior=1.0)
+    assert not holds(wrong, flipped_course_j)
+    # an oblique row axis gets the anterior margin on both sides
+    oblique = quality.skull_base_box(image, spacing, LIMITS, j_posterior=0.0)
+    assert oblique[1].start <= usual[1].start and oblique[1].stop > usual[1].stop
