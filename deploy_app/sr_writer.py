@@ -2,7 +2,9 @@
 
 Content tree: observer context (the algorithm as a device), procedure reported, then
 - per segment of the set, a volumetric ROI group (TID 1411) that references its SEG segment and the source
-  images (``ReferencedSegment.from_segmentation``), finding calcified atheromatous plaque at the artery
+  series (TID 1411's "Source series for segmentation"; listing every source image instead, as
+  ``ReferencedSegment.from_segmentation`` does, took 1 s of a head study's 8 segments x 163 slices and adds
+  nothing the SEG's own references do not hold), finding calcified atheromatous plaque at the artery
   (laterality and ICA segment as finding-site modifiers), with the Agatston score, calcium volume (mm3) and
   calcium mass (mg), 0 where the segment holds no calcium;
 - one measurement group (TID 1501) for the total, with the same three measurements, the risk category
@@ -95,7 +97,12 @@ def _segment_group(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid(seg.SOPInstanceUID, "segment", str(spec.number)), identifier=spec.label
         ),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, spec.number),
+        referenced_segment=hd.sr.ReferencedSegment(
+            seg.SOPClassUID,
+            seg.SOPInstanceUID,
+            spec.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(seg.ReferencedSeriesSequence[0].SeriesInstanceUID),
+        ),
         finding_type=dc.CALCIFIED_PLAQUE,
         algorithm_id=hd.sr.AlgorithmIdentification(algorithm.name, algorithm.version),
         finding_sites=[site],

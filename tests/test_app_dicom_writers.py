@@ -235,6 +235,8 @@ def test_sr_is_valid_and_its_numbers_are_the_scorers(chest_outputs, tmp_path):
         sop = ref.ReferencedSOPSequence[0]
         assert sop.ReferencedSOPInstanceUID == seg.SOPInstanceUID
         assert int(sop.ReferencedSegmentNumber) == spec.number
+        series = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121232"]
+        assert [i.UID for i in series] == [seg.ReferencedSeriesSequence[0].SeriesInstanceUID]  # source series
     total = groups["Total coronary calcium"]
     assert numbers(total)["450360000"][0] == pytest.approx(scores.total.agatston, rel=1e-9)
     assert codes_of(total)["CAC-RISK"] == f"CAC-RISK-{scores.risk_category}"
