@@ -32,6 +32,7 @@ import numpy as np
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.text import Text
 from pydicom.valuerep import PersonName
 
 from bundles.s2cac_coronary_calcium.scripts.scoring import (
@@ -80,7 +81,11 @@ _GREY = "#555555"
 _LIGHT = "#e8ecf0"
 _RED = "#b00020"
 _AMBER = "#8a5a00"
-_FONT = {"pdf.fonttype": 42, "font.family": "DejaVu Sans"}
+# Each font is embedded once. matplotlib 3.11's PDF writer sizes its font subsets by "ps.fonttype", and at its
+# default (Type 3: 256 glyphs) every font with a character beyond Latin-1 (an em dash, a ">=") went in twice; a
+# ligature glyph ("fi") goes into a subset of its own. Subsetting is most of the time the PDF takes to write.
+_FONT = {"pdf.fonttype": 42, "ps.fonttype": 42, "font.family": "DejaVu Sans"}
+NO_LIGATURES = ("-liga",)
 
 
 @dataclass(frozen=True)
@@ -867,6 +872,8 @@ def render_report_pdf(report: Mapping[str, Any], images: Mapping[str, KeyImages]
         }
         with PdfPages(buffer, metadata=metadata) as pdf:
             for fig in pages.figures:
+                for text in fig.findobj(Text):
+                    text.set_fontfeatures(NO_LIGATURES)
                 pdf.savefig(fig)
     data = buffer.getvalue()
     logger.info("rendered the PDF report: %d pages, %d bytes", len(pages.figures), len(data))
