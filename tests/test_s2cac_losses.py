@@ -280,3 +280,71 @@ def test_balanced_cross_entropy_weighs_calcium_like_background():
     # a calcium-free sample: balanced equals the plain mean
     empty = torch.zeros_like(target)
     assert float(L.weighted_cross_entropy(logits, empty, balanced=True)) == pytest.approx(voxel_ce_bg, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ candidate voxels (>= 130 HU)
+
+
+def test_candidate_mask_limits_dice_and_ce_to_the_voxels_that_can_be_calcium():
+    # 4 voxels: calcium (candidate), bone (candidate, background), two soft-tissue voxels (not candidates)
+    logits = torch.zeros(1, 2, 1, 1, 4)
+    logits[0, 1, 0, 0] = torch.tensor([math.log(3.0), 0.0, 5.0, -5.0])  # p_fg 0.75, 0.5, ~0.99, ~0.01
+    target = torch.tensor([1, 0, 0, 0]).reshape(1, 1, 1, 1, 4)
+    candidates = torch.tensor([True, True, False, False]).reshape(1, 1, 1, 1, 4)
+    ce = (-math.log(0.75) - math.log(0.5)) / 2  # the two soft-tissue voxels do not count, however wrong
+    dice = (2 * 0.75 + 1e-5) / (0.75 + 0.5 + 1.0 + 1e-5)
+    assert float(L.weighted_cross_entropy(logits, target, candidates=candidates)) == pytest.approx(ce, rel=1e-5)
+    assert float(L.weighted_soft_dice_loss(logits, target, candidates=candidates)) == pytest.approx(1 - dice, rel=1e-5)
+    assert float(L.weighted_dice_ce(logits, target, candidates=candidates[:, 0])) == pytest.approx(
+        1 - dice + ce, rel=1e-5
+    )
+    # balanced: mean over calcium candidates + mean over background candidates
+    balanced = float(L.weighted_cross_entropy(logits, target, balanced=True, candidates=candidates))
+    assert balanced == pytest.approx(-math.log(0.75) - math.log(0.5), rel=1e-5)
+    # no gradient reaches a voxel outside the candidates
+    logits.requires_grad_(True)
+    L.weighted_dice_ce(logits, target, candidates=candidates).backward()
+    assert float(logits.grad[..., 2:].abs().sum()) == 0.0
+    assert float(logits.grad[..., :2].abs().sum()) > 0.0
+
+
+def test_candidate_mask_without_candidates_contributes_nothing_and_wrong_shapes_fail():
+    logits = torch.randn(2, 3, 1, 2, 2)
+    target = torch.zeros(2, 1, 1, 2, 2, dtype=torch.long)
+    none = torch.zeros(2, 1, 1, 2, 2, dtype=torch.bool)
+    assert float(L.weighted_cross_entropy(logits, target, candidates=none)) == 0.0
+    assert float(L.weighted_soft_dice_loss(logits, target, candidates=none)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="candidate mask"):
+        L.weighted_cross_entropy(logits, target, candidates=torch.ones(2, 1, 1, 2, 3, dtype=torch.bool))
+
+
+def test_scores_count_candidate_voxels_only():
+    label = torch.zeros(1, 1, 1, 2, 2, dtype=torch.long)
+    label[0, 0, 0, 0] = 2  # two calcium voxels, one of them below 130 HU
+    candidates = torch.tensor([[True, False], [True, True]]).reshape(1, 1, 1, 2, 2)
+    assert L.true_score(label, 1.0, candidates).tolist() == [1.0]
+    uniform = torch.zeros(1, 2, 1, 2, 2)  # p_fg 0.5 everywhere: 3 candidates -> 1.5
+    assert float(L.soft_score(uniform, 1.0, candidates)) == pytest.approx(1.5)
+    loss = L.score_consistency_loss(
+        uniform, torch.tensor([1.5]), uniform, torch.tensor([1.0]), None, 1.0, 1.0, candidates, candidates
+    )
+    assert float(loss) == pytest.approx(0.0 + 0.5)
+
+
+def test_mask_consistency_with_candidates_ignores_the_free_logits_elsewhere():
+    student = torch.zeros(1, 2, 1, 1, 3)
+    teacher = torch.tensor([1.0, 2.0, 500.0, 0.0, 0.0, -500.0]).reshape(1, 2, 1, 1, 3)
+    candidates = torch.tensor([True, True, False]).reshape(1, 1, 1, 1, 3)
+    score = torch.zeros(1)
+    loss = L.mask_consistency_loss(student, teacher, score, score, candidates=candidates)
+    assert float(loss) == pytest.approx((1 + 4 + 0 + 0) / 4)  # mean over 2 candidate voxels x 2 channels
+    assert float(L.mask_consistency_loss(student, teacher, score, score)) > 1e4  # every voxel: swamped
+
+
+def test_mask_consistency_on_probabilities_is_bounded():
+    student = torch.zeros(1, 2, 1, 1, 2)  # p = 0.5 / 0.5
+    teacher = torch.tensor([300.0, 0.0, 0.0, 0.0]).reshape(1, 2, 1, 1, 2)  # p_bg 1 at voxel 0, 0.5 at voxel 1
+    score = torch.zeros(1)
+    loss = L.mask_consistency_loss(student, teacher, score, score, on_probabilities=True)
+    assert float(loss) == pytest.approx((0.25 + 0.25 + 0 + 0) / 4)
+    assert float(L.mask_consistency_loss(student, teacher, score, score)) == pytest.approx(300.0**2 / 4)

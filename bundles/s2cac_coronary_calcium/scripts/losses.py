@@ -21,6 +21,14 @@ Differences from the published code, all deliberate:
   (``consistency_weight``).
 - The labels may have several foreground classes (ours: LM, LAD, LCX, RCA); Dice is averaged over them and the
   score counts all of them (foreground = not background).
+- Optionally (``candidates``, on in the shipped configs) every term counts only the voxels that can be calcium,
+  those >= 130 HU: the output is gated at 130 HU (DESIGN.md), so what the network says elsewhere never reaches a
+  score. Without the gate ~99.9 % of the loss is spent on voxels that the threshold already decides, and what
+  remains to learn (bone, valves, the aortic wall and the halo around a lesion against the coronary calcium
+  itself) gets little of the gradient.
+- Optionally (``on_probabilities``, on in the shipped configs) the mask consistency compares softmax
+  probabilities, as the original mean teacher does, instead of the published logits (see
+  ``mask_consistency_loss``).
 """
 
 from __future__ import annotations
@@ -115,8 +123,24 @@ def _onehot_target(logits: Tensor, target: Tensor) -> Tensor:
     return F.one_hot(index, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
 
 
+def _candidate_mask(candidates: Tensor | None, logits: Tensor) -> Tensor | None:
+    """Float mask (B, 1, ...) of the voxels that can be calcium, or None (every voxel counts)."""
+    if candidates is None:
+        return None
+    mask = candidates.to(logits.dtype)
+    if mask.dim() == logits.dim() - 1:
+        mask = mask.unsqueeze(1)
+    if mask.shape[0] != logits.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != logits.shape[2:]:
+        raise ValueError(f"candidate mask {tuple(candidates.shape)} does not fit logits {tuple(logits.shape)}")
+    return mask
+
+
 def weighted_soft_dice_loss(
-    logits: Tensor, target: Tensor, weights: Tensor | None = None, smooth: float = 1e-5
+    logits: Tensor,
+    target: Tensor,
+    weights: Tensor | None = None,
+    smooth: float = 1e-5,
+    candidates: Tensor | None = None,
 ) -> Tensor:
     """1 - weighted mean over samples of the soft Dice.
 
@@ -125,10 +149,14 @@ def weighted_soft_dice_loss(
     channels present in its target; a calcium-free sample (the published binary case) uses all foreground
     merged, so any false-positive probability mass lowers it. Averaging absent channels instead would
     give every positive sample a loss near 1 from the vessels it does not contain, whatever it predicts.
+    ``candidates`` (B, 1, ...) restricts both sums to the voxels that can be calcium (see the module docstring).
     """
     onehot = _onehot_target(logits, target)
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = onehot[:, 1:]
+    mask = _candidate_mask(candidates, logits)
+    if mask is not None:
+        probs, onehot = probs * mask, onehot * mask
     dims = tuple(range(2, logits.dim()))
 
     def dice(p: Tensor, y: Tensor) -> Tensor:
@@ -143,7 +171,11 @@ def weighted_soft_dice_loss(
 
 
 def weighted_cross_entropy(
-    logits: Tensor, target: Tensor, weights: Tensor | None = None, balanced: bool = False
+    logits: Tensor,
+    target: Tensor,
+    weights: Tensor | None = None,
+    balanced: bool = False,
+    candidates: Tensor | None = None,
 ) -> Tensor:
     """Weighted mean over samples of each sample's voxel-mean cross-entropy.
 
@@ -151,50 +183,66 @@ def weighted_cross_entropy(
     voxels (background only when it has none). Calcium fills ~1e-4 of a patch: with a plain mean the
     network learns "all background" first and its softmax saturates there, where neither Dice nor CE
     has gradient left to pull it out.
+    ``candidates`` (B, 1, ...): the means run over the voxels that can be calcium only (a sample without any
+    contributes 0).
     """
     onehot = _onehot_target(logits, target)
     voxel_ce = -(onehot * torch.log_softmax(logits, dim=1)).sum(dim=1).flatten(1)
+    mask = _candidate_mask(candidates, logits)
+    counted = torch.ones_like(voxel_ce) if mask is None else mask.flatten(1)
     if not balanced:
-        return weighted_mean(voxel_ce.mean(dim=1), weights)
-    fg = (1.0 - onehot[:, 0]).flatten(1)
+        return weighted_mean((voxel_ce * counted).sum(dim=1) / counted.sum(dim=1).clamp_min(1.0), weights)
+    fg = (1.0 - onehot[:, 0]).flatten(1) * counted
     n_fg = fg.sum(dim=1)
-    bg_ce = (voxel_ce * (1 - fg)).sum(dim=1) / (1 - fg).sum(dim=1).clamp_min(1.0)
+    bg = counted - fg
+    bg_ce = (voxel_ce * bg).sum(dim=1) / bg.sum(dim=1).clamp_min(1.0)
     fg_ce = (voxel_ce * fg).sum(dim=1) / n_fg.clamp_min(1.0)
     return weighted_mean(bg_ce + torch.where(n_fg > 0, fg_ce, torch.zeros_like(fg_ce)), weights)
 
 
 def weighted_dice_ce(
-    logits: Tensor, target: Tensor, weights: Tensor | None = None, smooth: float = 1e-5, balanced: bool = False
+    logits: Tensor,
+    target: Tensor,
+    weights: Tensor | None = None,
+    smooth: float = 1e-5,
+    balanced: bool = False,
+    candidates: Tensor | None = None,
 ) -> Tensor:
     """Supervised segmentation loss: ``weighted_soft_dice_loss`` + ``weighted_cross_entropy``.
 
     ``logits`` (B, C, Z, Y, X); ``target`` a class-index map (B, 1, Z, Y, X) / (B, Z, Y, X) or a one-hot (B, C, ...);
     ``weights`` (B,) from ``sample_weights`` (None: all 1). A sample with weight 0 does not affect the loss.
-    ``balanced`` selects the class-balanced cross-entropy.
+    ``balanced`` selects the class-balanced cross-entropy; ``candidates`` (B, 1, ...) the voxels that count.
     """
-    dice = weighted_soft_dice_loss(logits, target, weights, smooth)
-    return dice + weighted_cross_entropy(logits, target, weights, balanced)
+    dice = weighted_soft_dice_loss(logits, target, weights, smooth, candidates)
+    return dice + weighted_cross_entropy(logits, target, weights, balanced, candidates)
 
 
 # --------------------------------------------------------------------------------------------- scores
 
 
-def true_score(label_index: Tensor, score_scale: float = 1.0) -> Tensor:
+def true_score(label_index: Tensor, score_scale: float = 1.0, candidates: Tensor | None = None) -> Tensor:
     """Target score (B,): number of calcium (non-background) voxels in the label patch / ``score_scale``.
 
-    Published: "score_volume", the voxel count (score_scale 1).
+    Published: "score_volume", the voxel count (score_scale 1). ``candidates``: count only those voxels.
     """
-    return (label_index > 0).flatten(1).sum(dim=1).to(torch.float32) / score_scale
+    calcium = label_index > 0
+    if candidates is not None:
+        calcium = calcium & candidates.reshape(calcium.shape).to(torch.bool)
+    return calcium.flatten(1).sum(dim=1).to(torch.float32) / score_scale
 
 
-def soft_score(logits: Tensor, score_scale: float = 1.0) -> Tensor:
+def soft_score(logits: Tensor, score_scale: float = 1.0, candidates: Tensor | None = None) -> Tensor:
     """Differentiable score (B,): sum over voxels of the foreground probability 1 - p_background, / ``score_scale``.
 
     Computed as the sum of the foreground-class probabilities (equal to 1 - p_bg, without its float32 rounding
-    when p_bg ~ 1), so a confident all-background prediction scores ~0.
+    when p_bg ~ 1), so a confident all-background prediction scores ~0. ``candidates``: sum over those voxels only.
     """
-    probs = torch.softmax(logits, dim=1)
-    return probs[:, 1:].sum(dim=1).flatten(1).sum(dim=1) / score_scale
+    fg = torch.softmax(logits, dim=1)[:, 1:].sum(dim=1, keepdim=True)
+    mask = _candidate_mask(candidates, logits)
+    if mask is not None:
+        fg = fg * mask
+    return fg.flatten(1).sum(dim=1) / score_scale
 
 
 def score_regression_loss(pred_score: Tensor, true_score: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -210,19 +258,21 @@ def score_consistency_loss(
     weights_labeled: Tensor | None = None,
     score_scale: float = 1.0,
     score_weight: float = 1.0,
+    candidates_unlabeled: Tensor | None = None,
+    candidates_labeled: Tensor | None = None,
 ) -> Tensor:
     """Scoring-driven consistency L_C^s: the student's differentiable score must match the volume-level scores.
 
     = score_weight * [ L1(soft_score(S(u)), teacher score of u)  +  weighted L1(soft_score(S(l)), true score of l) ].
     The teacher score (its score head on the noisy unlabeled patch) is detached. Published ``score_weight``: 1e-6
-    with ``score_scale`` 1.
+    with ``score_scale`` 1. The candidate masks restrict each soft score to the voxels that can be calcium.
     """
     unlabeled = F.l1_loss(
-        soft_score(student_logits_unlabeled, score_scale),
+        soft_score(student_logits_unlabeled, score_scale, candidates_unlabeled),
         teacher_score_unlabeled.detach().reshape(-1).to(student_logits_unlabeled.dtype),
     )
     labeled = score_regression_loss(
-        soft_score(student_logits_labeled, score_scale), true_score_labeled, weights_labeled
+        soft_score(student_logits_labeled, score_scale, candidates_labeled), true_score_labeled, weights_labeled
     )
     return score_weight * (unlabeled + labeled)
 
@@ -233,13 +283,27 @@ def mask_consistency_loss(
     student_score: Tensor,
     teacher_score: Tensor,
     score_weight: float = 1.0,
+    candidates: Tensor | None = None,
+    on_probabilities: bool = False,
 ) -> Tensor:
     """Mask consistency L_C^m: MSE(student logits, teacher logits) + score_weight * L1(student score, teacher score).
 
     Both on the unlabeled patch (the teacher sees it with ``teacher_noise``); teacher tensors are detached. The
-    scores are the score-head outputs. Published ``score_weight``: 1e-6 on voxel-count scores.
+    scores are the score-head outputs. Published ``score_weight``: 1e-6 on voxel-count scores. ``candidates``
+    (B, 1, ...): the MSE is the mean over those voxels (and channels) only; where no supervised term reaches,
+    the logits are free and their differences would swamp every other term. ``on_probabilities``: the MSE of the
+    softmax probabilities (the original mean teacher's), bounded by 1, instead of the published logits: early in
+    training the teacher's BatchNorm running statistics lag the student's batch statistics and the logits differ
+    by tens to hundreds, so the logit MSE (measured: 10^2-10^4) outweighs the supervised loss.
     """
-    mse = F.mse_loss(student_logits, teacher_logits.detach())
+    mask = _candidate_mask(candidates, student_logits)
+    if on_probabilities:
+        student_logits, teacher_logits = torch.softmax(student_logits, 1), torch.softmax(teacher_logits, 1)
+    squared = (student_logits - teacher_logits.detach()) ** 2
+    if mask is None:
+        mse = squared.mean()
+    else:
+        mse = (squared * mask).sum() / (mask.sum() * student_logits.shape[1]).clamp_min(1.0)
     l1 = F.l1_loss(student_score.reshape(-1), teacher_score.detach().reshape(-1).to(student_score.dtype))
     return mse + score_weight * l1
 

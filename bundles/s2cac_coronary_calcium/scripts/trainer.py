@@ -5,7 +5,9 @@ cycling loader. The student learns from the labels (weighted Dice + CE, and the 
 against the calcium voxel count) and from the teacher on unlabeled patches (mask consistency and
 score consistency), the latter weighted by a ramp-up; calcium-free labeled patches are weighted
 by the negative-sample boost, which rises late in training. Both schedules run on the fraction
-of training done, so a short run is as semi-supervised as the published 500 epochs.
+of training done, so a short run is as semi-supervised as the published 500 epochs. With
+``candidate_threshold`` every loss term counts only voxels at or above it (130 HU
+in the network's scale), the only voxels the gated output can call calcium.
 The teacher is the EMA of the student; it is what validation scores and what is saved.
 """
 
@@ -44,7 +46,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ``network`` is a :class:`WithScore` (optionally inside DistributedDataParallel) around the student.
     Extra arguments: ``teacher`` (a copy of the student network, updated by EMA), ``unlabeled_loader``
     (None trains supervised-only, for the semi-supervised-gain comparison), ``score_scale``
-    (calcium voxels per score unit), the loss weights and the two schedules' parameters.
+    (calcium voxels per score unit), the loss weights and the two schedules' parameters, and
+    ``candidate_threshold`` (None: every voxel counts; else the input value of 130 HU) and
+    ``consistency_on_probabilities`` (the mask consistency on softmax probabilities, not logits).
     """
 
     def __init__(
@@ -63,6 +67,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
         noise_std: float = 0.03,
         grad_clip: float = 12.0,
         balanced_ce: bool = True,
+        candidate_threshold: float | None = None,
+        consistency_on_probabilities: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -78,6 +84,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.noise_std = noise_std
         self.grad_clip = grad_clip
         self.balanced_ce = balanced_ce
+        self.candidate_threshold = candidate_threshold
+        self.consistency_on_probabilities = consistency_on_probabilities
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -95,6 +103,12 @@ class MeanTeacherTrainer(SupervisedTrainer):
         """bfloat16 forward passes when ``amp`` is set (no loss scaling needed); losses stay float32."""
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(self.amp))
 
+    def candidates(self, image: torch.Tensor | None) -> torch.Tensor | None:
+        """Voxels that can be calcium (input >= ``candidate_threshold``), or None when every voxel counts."""
+        if image is None or self.candidate_threshold is None:
+            return None
+        return image >= self.candidate_threshold
+
     def progress(self, engine) -> float:
         total = max(engine.state.epoch_length * engine.state.max_epochs, 1)
         return min((engine.state.iteration - 1) / total, 1.0)
@@ -107,9 +121,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
         p = self.progress(engine)
         boost = negative_boost(p, *self.boost)
         lam = consistency_weight(p, self.consistency_max, self.consistency_rampup) if unlabeled is not None else 0.0
-        has_calcium = label.flatten(1).amax(dim=1) > 0
-        weights = sample_weights(has_calcium, boost)
-        target = true_score(label, self.score_scale)
+        cand, cand_u = self.candidates(image), self.candidates(unlabeled)
+        target = true_score(label, self.score_scale, cand)
+        weights = sample_weights(target > 0, boost)
 
         self.network.train()
         self.teacher.eval()  # the EMA of the student, incl. its BN statistics; no dropout
@@ -120,7 +134,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
             logits_all, score_all = self.network(image if unlabeled is None else torch.cat([image, unlabeled]))
         logits_all, score_all = logits_all.float(), score_all.float()
         logits, score = logits_all[:n], score_all[:n]
-        loss_seg = weighted_dice_ce(logits, label, weights, balanced=self.balanced_ce)
+        loss_seg = weighted_dice_ce(logits, label, weights, balanced=self.balanced_ce, candidates=cand)
         loss_score = self.score_weight * score_regression_loss(score, target, weights)
         loss = loss_seg + loss_score
         out = {"loss_seg": loss_seg.item(), "loss_score": loss_score.item()}
@@ -130,9 +144,11 @@ class MeanTeacherTrainer(SupervisedTrainer):
                 noisy = teacher_noise(unlabeled, self.noise_std, 2 * self.noise_std)
                 t_logits_u, t_score_u = self.teacher.forward_with_score(noisy)
             t_logits_u, t_score_u = t_logits_u.float(), t_score_u.float()
-            loss_mask_c = mask_consistency_loss(logits_u, t_logits_u, score_u, t_score_u, self.score_weight)
+            loss_mask_c = mask_consistency_loss(
+                logits_u, t_logits_u, score_u, t_score_u, self.score_weight, cand_u, self.consistency_on_probabilities
+            )
             loss_score_c = score_consistency_loss(
-                logits_u, t_score_u, logits, target, weights, self.score_scale, self.score_weight
+                logits_u, t_score_u, logits, target, weights, self.score_scale, self.score_weight, cand_u, cand
             )
             loss = loss + lam * (loss_mask_c + loss_score_c)
             out.update(loss_mask_consistency=loss_mask_c.item(), loss_score_consistency=loss_score_c.item())
