@@ -12,7 +12,8 @@ by C-STORE. Its one worker runs the app on each in turn and C-STOREs SEG, SR and
   ``processing/`` or ``failed/``, and each result folder holds the app's outputs and nothing else.
 
 All twenty studies hold the same pixels under their own UIDs, so memory is compared like with like. The app runs
-twenty times here (about 35 s each on a 2-core CPU).
+twenty times here (35 to 70 s each on a 2-core CPU, by how busy the machine is), so the wait is bounded by progress,
+not by a fixed time per study: the test fails when no object arrives for ``STALL_S``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ N_STUDIES = 20
 QUIET_S = 3
 APP_OUTPUTS = ["coronary_seg.dcm", "coronary_sr.dcm", "report.pdf", "report_pdf.dcm", "results.json"]
 GROWTH_LIMIT = 1.10
+STALL_S = 600  # one app run takes about a minute here; ten minutes without a result is a hang
 
 
 def copy_as_new_study(files: list[Path], key: str, folder: Path) -> tuple[str, list[Path]]:
@@ -64,7 +66,8 @@ def copy_as_new_study(files: list[Path], key: str, folder: Path) -> tuple[str, l
 
 
 def test_twenty_studies_back_to_back(tmp_path):
-    make_study(tmp_path / "template", chest=(0, 1), head=None, study_key="stability")
+    # 3 mm slices, the standard calcium-scoring protocol: fewer slices, a shorter app run.
+    make_study(tmp_path / "template", chest=(0, 1), head=None, study_key="stability", chest_kwargs={"thickness": 3.0})
     template = sorted((tmp_path / "template" / "dicom").rglob("*.dcm"))
     workdir, tmpdir = tmp_path / "work", tmp_path / "tmp"
     tmpdir.mkdir()
@@ -92,11 +95,13 @@ def test_twenty_studies_back_to_back(tmp_path):
             wait_for_log(log, "listening on", proc, 60)
             for study, files in list(studies.items())[2:]:
                 assert set(c_store(files, port, called_ae="CALCIMAP")) == {0}, study
-            deadline = time.monotonic() + 150 * N_STUDIES
-            while sink.total() < 3 * N_STUDIES:
+            seen, last_progress = 0, time.monotonic()
+            while (total := sink.total()) < 3 * N_STUDIES:
                 assert proc.poll() is None, f"the bridge ended:\n{log.read_text()[-3000:]}"
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{sink.total()} objects after the deadline:\n{BridgeState(workdir).read()}")
+                if total > seen:
+                    seen, last_progress = total, time.monotonic()
+                elif time.monotonic() - last_progress > STALL_S:
+                    pytest.fail(f"{total} objects, none for {STALL_S} s:\n{BridgeState(workdir).read()}")
                 time.sleep(2)
             time.sleep(QUIET_S + 2)  # nothing more may arrive
         finally:
