@@ -37,6 +37,9 @@ CLONE_NEWNET = 0x40000000
 USER, PASSWORD = "calcimap-test", "orthanc-fixture-password"
 ORTHANC_AE = "ORTHANC"
 TEST_AE = "TESTSCU"
+# The chest phantom of the PACS tests, which are about moving studies, not scoring them: a small patient at 3 mm
+# (the standard calcium-scoring protocol) is the cheapest study the app scores, a smaller heart region to tile.
+PACS_CHEST = {"thickness": 3.0, "patient_size": "small"}
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 import requests
 from make_study import make_study
-from orthanc_fixture import PASSWORD, USER, Orthanc, c_store, orthanc_server
+from orthanc_fixture import PACS_CHEST, PASSWORD, USER, Orthanc, c_store, orthanc_server
 from test_app_dicom_writers import dciodvfy
 
 from conftest import ROOT
@@ -56,7 +56,7 @@ def run_bridge(*args: str, timeout: float = 600, **kwargs) -> subprocess.Complet
 def pacs(tmp_path_factory):
     """Orthanc holding one chest-only phantom study; yields (orthanc, study UID, number of CT instances, tmp)."""
     tmp = tmp_path_factory.mktemp("pacs_dicomweb")
-    make_study(tmp / "study", chest=(0, 1), head=None, study_key="dicomweb")
+    make_study(tmp / "study", chest=(0, 1), head=None, study_key="dicomweb", chest_kwargs=PACS_CHEST)
     files = sorted((tmp / "study" / "dicom").rglob("*.dcm"))
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with orthanc_server(tmp / "orthanc") as orthanc:
@@ -258,7 +258,7 @@ def test_watch_processes_a_new_study_once(pacs, stored, tmp_path):
     """A second study arrives: one ``watch --orthanc --once`` pass runs the app on it alone (the first is done)."""
     orthanc: Orthanc = pacs[0]
     first = pacs[1]
-    make_study(tmp_path / "second", chest=(0, 2), head=None, study_key="dicomweb-second")
+    make_study(tmp_path / "second", chest=(0, 2), head=None, study_key="dicomweb-second", chest_kwargs=PACS_CHEST)
     files = sorted((tmp_path / "second" / "dicom").rglob("*.dcm"))
     second = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert set(c_store(files, orthanc.dicom_port)) == {0}

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 import requests
 from make_study import make_study
-from orthanc_fixture import ORTHANC_AE, c_store, orthanc_server
+from orthanc_fixture import ORTHANC_AE, PACS_CHEST, c_store, orthanc_server
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from test_app_dicom_writers import dciodvfy
@@ -37,7 +37,7 @@ def routed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pacs_dimse")
     studies = {}
     for i in range(1, N_STUDIES + 1):
-        make_study(tmp / f"s{i}", chest=(0, i), head=None, study_key=f"dimse-s{i}")
+        make_study(tmp / f"s{i}", chest=(0, i), head=None, study_key=f"dimse-s{i}", chest_kwargs=PACS_CHEST)
         files = sorted((tmp / f"s{i}" / "dicom").rglob("*.dcm"))
         studies[str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)] = files
     lua = [ROOT / "deploy" / "orthanc" / "autorouting.lua"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from make_study import make_study
-from orthanc_fixture import c_store, free_port
+from orthanc_fixture import PACS_CHEST, c_store, free_port
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from test_pacs_dicomweb import bridge, run_bridge
@@ -33,7 +33,7 @@ TOKEN = "bearer-token-for-tests"
 @pytest.fixture(scope="module")
 def study_files(tmp_path_factory) -> tuple[str, list[Path]]:
     tmp = tmp_path_factory.mktemp("pacs_jobs")
-    make_study(tmp / "study", chest=(0, 1), head=None, study_key="pacs-jobs")
+    make_study(tmp / "study", chest=(0, 1), head=None, study_key="pacs-jobs", chest_kwargs=PACS_CHEST)
     files = sorted((tmp / "study" / "dicom").rglob("*.dcm"))
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
 

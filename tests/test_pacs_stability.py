@@ -29,7 +29,7 @@ import pydicom
 import pytest
 from dimse_sink import SINK_AE, StoreSink
 from make_study import make_study
-from orthanc_fixture import c_store, free_port
+from orthanc_fixture import PACS_CHEST, c_store, free_port
 from pydicom.uid import generate_uid
 from test_app_dicom_writers import dciodvfy
 from test_pacs_dicomweb import PATIENT_DATA, bridge, wait_for_log
@@ -66,8 +66,7 @@ def copy_as_new_study(files: list[Path], key: str, folder: Path) -> tuple[str, l
 
 
 def test_twenty_studies_back_to_back(tmp_path):
-    # 3 mm slices, the standard calcium-scoring protocol: fewer slices, a shorter app run.
-    make_study(tmp_path / "template", chest=(0, 1), head=None, study_key="stability", chest_kwargs={"thickness": 3.0})
+    make_study(tmp_path / "template", chest=(0, 1), head=None, study_key="stability", chest_kwargs=PACS_CHEST)
     template = sorted((tmp_path / "template" / "dicom").rglob("*.dcm"))
     workdir, tmpdir = tmp_path / "work", tmp_path / "tmp"
     tmpdir.mkdir()
