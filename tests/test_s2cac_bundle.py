@@ -90,7 +90,8 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_chest, tmp_
     bundle_cmd(
         "run", "--config_file", str(CONFIGS / "inference.yaml"), "--input_dir", str(tiny_chest),
         "--input_glob", "chest_0005_0000[01]/image.nii.gz", "--output_dir", str(out),
-        "--model_file", str(trained / "models" / "model.pt"), "--patch_size", "[16, 96, 96]", "--inferer#overlap", "0.25",
+        "--model_file", str(trained / "models" / "model.pt"),
+        "--patch_size", "[16, 96, 96]", "--inferer#overlap", "0.25",
     )  # fmt: skip
     for case in ("chest_0005_00000", "chest_0005_00001"):
         image = nib.load(tiny_chest / case / "image.nii.gz")
