@@ -125,7 +125,7 @@ def test_twenty_studies_back_to_back(tmp_path):
     own = [r["bridge_peak_rss_mb"] for r in results]
     seconds = [r["seconds"] for r in results]
     print(f"app peak RSS per study (MB): {app}\nbridge peak RSS after each study (MB): {own}\nseconds: {seconds}")
-    # Each app run is a new process whose peak varies by a few per cent from run to run (1433-1576 MB on the
+    # Each app run is a new process whose peak varies by a few per cent from run to run (1262-1393 MB on the
     # same pixels): its trend is the median of the last five runs against that of the five from the third on.
     assert statistics.median(app[-5:]) < GROWTH_LIMIT * statistics.median(app[2:7]), app
     assert own[-1] < GROWTH_LIMIT * own[2], own  # the bridge's peak so far: the 20th against the 3rd
