@@ -41,6 +41,7 @@ from bundles.s2cac_coronary_calcium.scripts.scoring import (
     STANDARD_KVP,
     STANDARD_THICKNESS_RANGE_MM,
 )
+from deploy_app.overlay import WINDOWS, orientation_label, overlay_rgb, scored_voxels
 from deploy_app.segment_sets import SegmentSet, get_segment_set
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,6 @@ RISK_DEFINITIONS = {
     "III": "100 < S \u2264 400",
     "IV": "S > 400",
 }
-# (level, width) in HU and the window's name, per path: soft tissue for the heart, bone for the skull base.
-WINDOWS = {"coronary": (40.0, 400.0, "soft-tissue window"), "ica": (300.0, 1500.0, "bone window")}
 CROP_MM = {"coronary": 60.0, "ica": 50.0}
 
 _TIMES = " \u00d7 "
@@ -128,14 +127,6 @@ class KeyImages:
         return k * float(self.increment_mm)
 
 
-def orientation_label(direction_lps: Sequence[float]) -> str:
-    """The patient-direction letters an image edge faces (DICOM PS3.3 C.7.6.1.1.1: L/R, P/A, H/F), strongest
-    first; components under 0.25 are left out, so an axial row reads "L" and an oblique one e.g. "LA"."""
-    letters = (("R", "L"), ("A", "P"), ("F", "H"))  # LPS axes: negative, positive
-    order = np.argsort(-np.abs(np.asarray(direction_lps, dtype=float)), kind="stable")
-    return "".join(letters[a][int(direction_lps[a] > 0)] for a in order if abs(direction_lps[a]) >= 0.25)
-
-
 @dataclass(frozen=True)
 class KeySlice:
     """One key image: slice ``k`` and the segment numbers with scored calcium in it (empty: no calcium)."""
@@ -149,7 +140,7 @@ def select_key_slices(images: KeyImages, max_slices: int = MAX_KEY_SLICES) -> li
     ``max_slices``, the segments with the most calcium first, shown in slice order. No calcium: the middle slice.
     """
     hu, labels = np.asarray(images.hu), np.asarray(images.labels)
-    scored = np.where(hu >= CALCIUM_THRESHOLD_HU, labels, 0)
+    scored = scored_voxels(hu, labels)
     per_segment: list[tuple[int, int, int]] = []  # (voxels, segment, best slice)
     for segment in np.unique(scored[scored > 0]).tolist():
         counts = (scored == segment).reshape(scored.shape[0], -1).sum(axis=1)
@@ -602,22 +593,6 @@ def _path_section(pages: _Pages, key: str, path: Mapping[str, Any] | None) -> No
 # ----------------------------------------------------------------------------------------------- key images
 
 
-def _windowed(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    lo = level - width / 2
-    return np.clip((hu.astype(np.float32) - lo) / width, 0.0, 1.0)
-
-
-def _rgb_with_overlay(hu: np.ndarray, scored: np.ndarray, colours: Mapping[int, tuple[int, int, int]], key: str):
-    level, width, _ = WINDOWS[key]
-    grey = _windowed(hu, level, width)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    for segment, colour in colours.items():
-        mask = scored == segment
-        if mask.any():
-            rgb[mask] = 0.15 * rgb[mask] + 0.85 * (np.asarray(colour, dtype=np.float32) / 255.0)
-    return (rgb * 255 + 0.5).astype(np.uint8)
-
-
 def _scale_bar(ax: Any, x0: float, y0: float, length_mm: float, view_mm: float) -> None:
     """A white bar of ``length_mm`` with its label above it, at (x0, y0) in the axes' mm coordinates (y down)."""
     ax.plot([x0, x0 + length_mm], [y0, y0], color="white", linewidth=2.5, solid_capstyle="butt")
@@ -692,7 +667,7 @@ def _key_image_page(pages: _Pages, key: str, path: Mapping[str, Any], images: Ke
     )
     pages.y += legend_h + 0.1
 
-    scored = np.where(np.asarray(images.hu) >= CALCIUM_THRESHOLD_HU, np.asarray(images.labels), 0)
+    scored = scored_voxels(images.hu, images.labels)
     slices = select_key_slices(images)
     large = len(slices) <= 2  # few key slices: bigger images, caption below instead of beside them
     size = 3.0 if large else 2.05
@@ -723,7 +698,7 @@ def _key_image_pair(
     row_mm, col_mm = (float(v) for v in images.pixel_spacing_mm)
     n_k, n_j, n_i = scored.shape
     extent = (0.0, n_i * col_mm, n_j * row_mm, 0.0)  # mm, rows downwards as the slice is stored
-    rgb = _rgb_with_overlay(np.asarray(images.hu)[k], scored[k], {s.number: s.rgb for s in seg_set.segments}, key)
+    rgb = overlay_rgb(np.asarray(images.hu)[k], scored[k], {s.number: s.rgb for s in seg_set.segments}, key)
     ax = _image_axes(fig, MARGIN_IN, top, size)
     ax.imshow(rgb, extent=extent, interpolation="none", aspect="equal")
     ax.set_xlim(extent[0], extent[1])
