@@ -37,10 +37,12 @@ class CalciMapApp(Application):
         manifest: dict,
         rules: dict,
         limits: dict,
+        secondary_capture: bool = False,
         **kwargs,
     ):
         self.input_folder, self.output_folder = Path(input_folder), Path(output_folder)
         self.models, self.manifest, self.rules, self.limits = models, manifest, rules, limits
+        self.secondary_capture = secondary_capture
         self.state = RunState()
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
         super().__init__(*args, **kwargs)
@@ -57,7 +59,12 @@ class CalciMapApp(Application):
             for p in ("coronary", "ica")
         }
         writer = ReportWriterOperator(
-            self, output_folder=self.output_folder, manifest=self.manifest, state=s, name="report_writer"
+            self,
+            output_folder=self.output_folder,
+            manifest=self.manifest,
+            secondary_capture=self.secondary_capture,
+            state=s,
+            name="report_writer",
         )
         self.add_flow(loader, selector, {("study", "study")})
         for p, op in paths.items():

@@ -23,6 +23,7 @@ EXIT_CODES = {
     "model": 5,  # models missing, corrupt or not the shipped ones
     "output": 6,  # the output folder cannot be written
 }
+SECONDARY_CAPTURE_ENV = "CALCIMAP_SECONDARY_CAPTURE"
 logger = logging.getLogger("calcimap")
 
 
@@ -48,6 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-roi", action="store_true", help="run the calcium models on the whole volume, not the heart / skull base"
     )
     p.add_argument(
+        "--secondary-capture",
+        action="store_true",
+        help="also write a Secondary Capture series with the calcium overlay per scored series, for PACS viewers "
+        f"that show neither SEG nor SR (default: ${SECONDARY_CAPTURE_ENV}=1 or off)",
+    )
+    p.add_argument(
         "--max-volume-mb",
         type=_positive_mb,
         metavar="MB",
@@ -65,6 +72,17 @@ def _positive_mb(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of megabytes")
     return value
+
+
+def _secondary_capture(args: argparse.Namespace) -> bool:
+    if args.secondary_capture:
+        return True
+    text = os.environ.get(SECONDARY_CAPTURE_ENV, "").strip().lower()
+    if text in ("", "0", "no", "false", "off"):
+        return False
+    if text in ("1", "yes", "true", "on"):
+        return True
+    raise CliError("input", f"{SECONDARY_CAPTURE_ENV}={text!r} is neither on (1, yes, true) nor off (0, no, false)")
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -108,6 +126,7 @@ def preflight(args: argparse.Namespace) -> dict:
     except VolumeError as e:
         raise CliError("input", str(e)) from None
     input_folder, output_folder = _paths(args)
+    secondary_capture = _secondary_capture(args)
     try:
         study = read_study(input_folder, headers_only=True)
     except InputError as e:
@@ -137,6 +156,7 @@ def preflight(args: argparse.Namespace) -> dict:
         "manifest": manifest,
         "rules": rules,
         "limits": limits,
+        "secondary_capture": secondary_capture,
     }
 
 
@@ -151,6 +171,8 @@ def _exit_kind(error: BaseException) -> str:
 
 
 def _summary(report: dict, written: list[Path]) -> str:
+    from deploy_app.outputs import describe_written
+
     lines = []
     for path, r in report["paths"].items():
         if r is None:
@@ -163,7 +185,7 @@ def _summary(report: dict, written: list[Path]) -> str:
             per = ", ".join(f"{k} {v['agatston']:.1f}" for k, v in s["per_label"].items())
             category = f", category {s['risk_category']}" if path == "coronary" else ""
             lines.append(f"{path}: Agatston {s['total']['agatston']:.1f}{category}{equivalent} [{per}]")
-    lines += [f"wrote {p}" for p in written]
+    lines += [f"wrote {line}" for line in describe_written(written)]
     return "\n".join(lines)
 
 

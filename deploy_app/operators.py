@@ -136,17 +136,26 @@ class CalciumPathOperator(_Stage):
 
 
 class ReportWriterOperator(_Stage):
-    """Writes the SEGs, SRs, the PDF report (file and DICOM) and results.json, all-or-nothing.
+    """Writes the SEGs, SRs, the optional Secondary Capture series, the PDF report (file and DICOM) and results.json,
+    all-or-nothing.
 
     Named inputs:
         coronary, ica: from the two :class:`CalciumPathOperator`.
     """
 
     def __init__(
-        self, fragment: Fragment, *args: Any, output_folder: Path, manifest: dict, state: RunState, **kwargs: Any
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_folder: Path,
+        manifest: dict,
+        state: RunState,
+        secondary_capture: bool = False,
+        **kwargs: Any,
     ):
         self.output_folder = Path(output_folder)
         self.manifest = manifest
+        self.secondary_capture = secondary_capture
         super().__init__(fragment, *args, state=state, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -157,7 +166,7 @@ class ReportWriterOperator(_Stage):
         results = {"coronary": coronary["result"], "ica": ica["result"]}
         report = build_report(coronary["study"], results, self.manifest, self.state.timings)
         self.state.report = report
-        return write_outputs(self.output_folder, coronary["study"], results, report)
+        return write_outputs(self.output_folder, coronary["study"], results, report, self.secondary_capture)
 
     def compute(self, op_input, op_output, context) -> None:
         coronary, ica = op_input.receive("coronary"), op_input.receive("ica")

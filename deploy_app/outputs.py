@@ -1,10 +1,11 @@
 """Everything the app writes for a study, written all-or-nothing.
 
-Per scored path one DICOM SEG and one TID 1500 SR; per study the PDF report (as a file and as DICOM Encapsulated
-PDF) and ``results.json``. All objects are first written into a hidden staging folder inside the output folder;
-only when every one of them is complete are they moved into place (a rename each), so a failure leaves no partial
-object behind, and a re-run replaces the previous run's files (fixed names, deterministic UIDs) instead of adding
-to them. Output files of an earlier run that this run does not produce (a path no longer scored) are removed.
+Per scored path one DICOM SEG and one TID 1500 SR (and, when asked for, a Secondary Capture series with the
+overlay); per study the PDF report (as a file and as DICOM Encapsulated PDF) and ``results.json``. All objects
+are first written into a hidden staging folder inside the output folder; only when every one of them is complete
+are they moved into place (a rename each), so a failure leaves no partial object behind, and a re-run replaces the
+previous run's files (fixed names, deterministic UIDs) instead of adding to them. Output files of an earlier run
+that this run does not produce (a path no longer scored, a Secondary Capture series not asked for) are removed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from deploy_app.dicom_output import Algorithm
 from deploy_app.pdf_report import KeyImages, render_report_pdf
 from deploy_app.pdf_writer import write_pdf
 from deploy_app.pipeline import PATHS, PathResult, Timer
+from deploy_app.sc_writer import SC_FILE_PATTERN, write_sc_series
 from deploy_app.seg_writer import write_seg
 from deploy_app.sr_writer import write_sr
 from deploy_app.study import Study
@@ -57,7 +59,13 @@ def key_images(result: PathResult) -> KeyImages:
     )
 
 
-def _write_all(stage: Path, study: Study, results: Mapping[str, PathResult | None], report: dict[str, Any]) -> None:
+def _write_all(
+    stage: Path,
+    study: Study,
+    results: Mapping[str, PathResult | None],
+    report: dict[str, Any],
+    secondary_capture: bool,
+) -> None:
     timings = report["timings_s"]
     scored = {p: r for p, r in results.items() if r is not None and r.scored}
     for path, r in scored.items():
@@ -65,6 +73,20 @@ def _write_all(stage: Path, study: Study, results: Mapping[str, PathResult | Non
             seg = write_seg(r.volume.datasets, r.labels, path, stage / f"{path}_seg.dcm")
         with Timer(timings, f"write_sr_{path}"):
             write_sr(r.volume.datasets, seg, r.score, stage / f"{path}_sr.dcm", quality=r.findings)
+        if secondary_capture:
+            with Timer(timings, f"write_sc_{path}"):
+                series_uid, images = write_sc_series(
+                    r.volume.datasets,
+                    r.volume.hu,
+                    r.labels,
+                    path,
+                    stage,
+                    app_name=f"{APP_ALGORITHM.name} {__version__}",
+                )
+            report["paths"][path]["secondary_capture"] = {
+                "series_uid": series_uid,
+                "images": len(images),
+            }
     with Timer(timings, "write_pdf"):
         pdf = render_report_pdf(report, {p: key_images(r) for p, r in scored.items()})
         (stage / "report.pdf").write_bytes(pdf)
@@ -81,25 +103,51 @@ def _write_all(stage: Path, study: Study, results: Mapping[str, PathResult | Non
     (stage / "results.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
 
 
+def _ours(name: str) -> bool:
+    """A file name this app writes into an output folder."""
+    return name in OUTPUT_NAMES or SC_FILE_PATTERN.match(name) is not None
+
+
 def write_outputs(
-    out_dir: str | os.PathLike, study: Study, results: Mapping[str, PathResult | None], report: dict[str, Any]
+    out_dir: str | os.PathLike,
+    study: Study,
+    results: Mapping[str, PathResult | None],
+    report: dict[str, Any],
+    secondary_capture: bool = False,
 ) -> list[Path]:
-    """Write the study's objects into ``out_dir`` all-or-nothing; return the written paths."""
+    """Write the study's objects into ``out_dir`` all-or-nothing; return the written paths.
+
+    ``secondary_capture``: also a Secondary Capture series with the overlay per scored path (``sc_writer``).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".calcimap-partial-", dir=out_dir))
     try:
-        _write_all(stage, study, results, report)
+        _write_all(stage, study, results, report, secondary_capture)
         # results.json was written before the writers' timings were complete: write it again with them.
         (stage / "results.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
         written = sorted(p.name for p in stage.iterdir())
-        for name in OUTPUT_NAMES:
-            if name not in written:
-                (out_dir / name).unlink(missing_ok=True)
+        for old in out_dir.iterdir():
+            if _ours(old.name) and old.name not in written:
+                old.unlink(missing_ok=True)
         for name in written:
             os.replace(stage / name, out_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     paths = [out_dir / name for name in written]
-    logger.info("wrote %s", ", ".join(p.name for p in paths))
+    logger.info("wrote %s", ", ".join(describe_written(paths, names_only=True)))
     return paths
+
+
+def describe_written(paths: list[Path], names_only: bool = False) -> list[str]:
+    """The written files, a Secondary Capture series as one entry ("first .. last (N images)")."""
+    lines, series = [], {}
+    for p in paths:
+        if SC_FILE_PATTERN.match(p.name):
+            series.setdefault(p.name.split("_sc_")[0], []).append(p)
+        else:
+            lines.append(p.name if names_only else str(p))
+    for files in series.values():
+        first, last = (f.name if names_only else str(f) for f in (files[0], files[-1]))
+        lines.append(f"{first} .. {last} ({len(files)} Secondary Capture images)" if len(files) > 1 else first)
+    return lines

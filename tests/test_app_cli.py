@@ -77,27 +77,52 @@ def test_module_run_writes_every_object_and_prints_the_scores(app_run):
     assert {m["name"] for m in report["paths"]["ica"]["models"]} == {"s2cac_ica", "dst_landmarks"}
 
 
-def test_script_run_with_holoscan_variables_replaces_the_outputs_with_the_same_bytes(study, app_run):
-    """`python deploy_app` (how a MAP starts it) with HOLOSCAN_* paths, into the first run's folder."""
+@pytest.fixture(scope="module")
+def script_run(study, app_run):
+    """`python deploy_app` (how a MAP starts it) with HOLOSCAN_* paths and the Secondary Capture series switched
+    on by its environment variable, into the first run's folder; returns the folder and its files before."""
     out, _ = app_run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    env = {"HOLOSCAN_INPUT_PATH": str(study / "dicom"), "HOLOSCAN_OUTPUT_PATH": str(out)}
+    env = {
+        "HOLOSCAN_INPUT_PATH": str(study / "dicom"),
+        "HOLOSCAN_OUTPUT_PATH": str(out),
+        "CALCIMAP_SECONDARY_CAPTURE": "1",
+    }
     r = run_app("-l", "WARNING", as_script=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    return out, before, r
+
+
+def sc_files(out: Path) -> list[Path]:
+    return sorted(out.glob("*_sc_*.dcm"))
+
+
+def test_script_run_with_holoscan_variables_replaces_the_outputs_with_the_same_bytes(script_run):
+    out, before, r = script_run
     after = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(after) == sorted(before)  # no second copy, no staging folder left behind
+    added = sorted(set(after) - set(before))
+    assert set(before) <= set(after) and added == [p.name for p in sc_files(out)]  # no copy, no staging folder
     for name in OUTPUTS:
         assert after[name] == before[name], name
+    report = results(out)
+    for path in ("coronary", "ica"):
+        n = report["paths"][path]["secondary_capture"]["images"]
+        assert n > 0 and len([a for a in added if a.startswith(f"{path}_sc_")]) == n
+        assert f"{path}_sc_0001.dcm .. {out}/{path}_sc_{n:04d}.dcm ({n} Secondary Capture images)" in r.stdout
 
 
-def test_every_output_passes_dciodvfy_and_dcentvfy_with_the_source(study, app_run):
-    out, _ = app_run
+def test_every_output_passes_dciodvfy_and_dcentvfy_with_the_source(study, script_run):
+    out, _, _ = script_run
     for name in OUTPUTS:
         if name.endswith(".dcm"):
             dciodvfy(out / name)
-    files = [str(p) for p in sorted((study / "dicom").rglob("*.dcm"))] + [
-        str(out / n) for n in OUTPUTS if n.endswith(".dcm")
-    ]
+    for path in sc_files(out):
+        dciodvfy(path)
+    files = (
+        [str(p) for p in sorted((study / "dicom").rglob("*.dcm"))]
+        + [str(out / n) for n in OUTPUTS if n.endswith(".dcm")]
+        + [str(p) for p in sc_files(out)]
+    )
     r = subprocess.run([need_tool("dcentvfy"), *files], capture_output=True, text=True, timeout=300)
     errors = [line for line in (r.stdout + r.stderr).splitlines() if "Error" in line]
     assert not errors, "\n".join(errors[:20])
@@ -193,6 +218,8 @@ def test_missing_empty_and_non_dicom_inputs_fail_before_anything_runs(tmp_path):
     bad.mkdir()
     (bad / "notes.txt").write_text("not an image")
     assert_one_line_error(run_app("-i", str(bad), "-o", str(out)), "input", "no DICOM files in", out)
+    r = run_app("-i", str(bad), "-o", str(out), env={"CALCIMAP_SECONDARY_CAPTURE": "maybe"})
+    assert_one_line_error(r, "input", "CALCIMAP_SECONDARY_CAPTURE='maybe' is neither on", out)
 
 
 def test_truncated_dicom_file_is_named_in_the_error(study, tmp_path):

@@ -1,4 +1,5 @@
-"""The app's DICOM writers (deploy_app/seg_writer.py, sr_writer.py) on phantom studies, checked by real tools.
+"""The app's DICOM writers (deploy_app/seg_writer.py, sr_writer.py, sc_writer.py) on phantom studies, checked
+by real tools.
 
 dciodvfy (dicom3tools), dcmqi (segimage2itkimage, tid1500reader) and pixelmed's DicomSRValidator read what we
 wrote; our own reading is used only to compare values. Locally a missing tool skips its test; in CI it fails.
@@ -23,6 +24,7 @@ from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES as ICA_LA
 from bundles.s2cac_coronary_calcium.scripts import scoring
 from conftest import need_tool
 from deploy_app.dicom_output import Algorithm
+from deploy_app.sc_writer import SC_SERIES_NUMBER_OFFSET, write_sc_series
 from deploy_app.seg_writer import write_seg
 from deploy_app.segment_sets import CORONARY, ICA
 from deploy_app.sr_writer import write_sr
@@ -370,3 +372,66 @@ def test_writers_reject_input_that_does_not_fit_and_leave_no_file(chest, chest_o
     with pytest.raises(ValueError, match="score_calcium"):
         write_sr(datasets, seg, {"LM": 1.0}, tmp_path / "b.dcm")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- Secondary Capture series ------------------------------------------------------------------------------------
+
+
+def _sc_pixels(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    ds = pydicom.dcmread(path)
+    return ds, ds.pixel_array
+
+
+def test_sc_series_shows_the_calcium_slab_over_its_source_slices_and_validates(chest, tmp_path):
+    volume, grid, datasets, labels = chest
+    scored = np.where(volume >= scoring.CALCIUM_THRESHOLD_HU, labels, 0)
+    ks = np.flatnonzero(scored.any(axis=(1, 2)))
+    series_uid, paths = write_sc_series(datasets, volume, labels, "coronary", tmp_path, app_name="CalciMap test")
+    assert [p.name for p in paths] == [f"coronary_sc_{n:04d}.dcm" for n in range(1, ks[-1] - ks[0] + 2)]
+    for path in paths:
+        dciodvfy(path)
+    files = [str(p) for p in paths] + [str(ds.filename) for ds in datasets]
+    r = subprocess.run([need_tool("dcentvfy"), *files], capture_output=True, text=True, timeout=300)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors[:20])
+    source = datasets[0]
+    for n, path in enumerate(paths, start=1):
+        ds, rgb = _sc_pixels(path)
+        k = ks[0] + n - 1
+        assert ds.SeriesInstanceUID == series_uid and int(ds.InstanceNumber) == n
+        assert int(ds.SeriesNumber) == int(source.SeriesNumber) + SC_SERIES_NUMBER_OFFSET
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == datasets[k].SOPInstanceUID
+        assert ds.BurnedInAnnotation == "YES" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        zoom = rgb.shape[0] // volume.shape[1]
+        assert rgb.shape == (volume.shape[1] * zoom, volume.shape[2] * zoom, 3)
+        assert np.allclose([float(v) * zoom for v in ds.PixelSpacing], [float(v) for v in datasets[k].PixelSpacing])
+        # every scored voxel in its vessel's colour (85 % colour over the grey), the rest of the body grey
+        for spec in CORONARY.segments:
+            jj, ii = np.nonzero(scored[k] == spec.number)
+            pixels = rgb[jj * zoom, ii * zoom].astype(int)
+            assert (np.abs(pixels - np.asarray(spec.rgb)) <= 40).all(), spec.name
+        body = (volume[k] > -300) & (volume[k] < scoring.CALCIUM_THRESHOLD_HU)
+        jj, ii = np.nonzero(body[volume.shape[1] // 4 : -volume.shape[1] // 4])
+        centre = rgb[(jj + volume.shape[1] // 4) * zoom, ii * zoom].astype(int)
+        assert (centre.max(axis=1) - centre.min(axis=1) == 0).all(), "colour outside the calcium"
+    again, _ = write_sc_series(datasets, volume, labels, "coronary", tmp_path / "again", app_name="CalciMap test")
+    assert again == series_uid
+    assert all((tmp_path / "again" / p.name).read_bytes() == p.read_bytes() for p in paths)
+
+
+def test_calcium_free_sc_series_is_the_middle_slice_and_bad_input_writes_nothing(chest, tmp_path):
+    volume, grid, datasets, labels = chest
+    _, paths = write_sc_series(datasets, volume, np.zeros_like(labels), "coronary", tmp_path / "free", app_name="x")
+    assert len(paths) == 1
+    ds = pydicom.dcmread(paths[0])
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == datasets[len(datasets) // 2].SOPInstanceUID
+    dciodvfy(paths[0])
+    bad = tmp_path / "bad"
+    with pytest.raises(ValueError, match="must match the source series"):
+        write_sc_series(datasets, volume[1:], labels[1:], "coronary", bad, app_name="x")
+    with pytest.raises(ValueError, match="outside"):
+        write_sc_series(datasets, volume, np.full_like(labels, 5), "coronary", bad, app_name="x")
+    with pytest.raises(ValueError, match="slice order"):
+        write_sc_series(datasets[::-1], volume, labels, "coronary", bad, app_name="x")
+    assert not bad.exists()

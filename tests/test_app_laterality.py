@@ -21,6 +21,7 @@ from deploy_app.models import load_manifest, locate_models, model_dir
 from deploy_app.outputs import write_outputs
 from deploy_app.quality import load_limits
 from deploy_app.report import build_report
+from deploy_app.segment_sets import get_segment_set
 from deploy_app.study import read_study
 
 RIGHT = "24028007"  # SCT Right
@@ -44,7 +45,8 @@ class TruthCalcium(pipeline.Models):
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
+def scored_study(tmp_path_factory):
+    """(study, path results, report, true lesions) of the study, scored on the true calcium."""
     study_dir = tmp_path_factory.mktemp("lat")
     made = make_study(study_dir, chest=(0, 0), head=(0, 6), head_kwargs={"calcium": "right", "tilt_deg": 0.0})
     truth_dirs = {k: study_dir / "truth" / v.name.split("_", 1)[1] for k, v in made.items()}
@@ -65,9 +67,15 @@ def outputs(tmp_path_factory):
     limits = load_limits()
     results = {p: pipeline.run_path(p, choices[p], models, limits) for p in pipeline.PATHS}
     report = build_report(study, results, manifest, {})
-    out = tmp_path_factory.mktemp("lat_out")
-    write_outputs(out, study, results, report)
     lesions = {k: json.loads((d / "truth.json").read_text())["lesions"] for k, d in truth_dirs.items()}
+    return study, results, report, lesions
+
+
+@pytest.fixture(scope="module")
+def outputs(scored_study, tmp_path_factory):
+    study, results, report, lesions = scored_study
+    out = tmp_path_factory.mktemp("lat_out")
+    write_outputs(out, study, results, report, secondary_capture=True)
     return out, results, lesions
 
 
@@ -133,6 +141,42 @@ def test_right_ica_sr_groups_with_calcium_carry_right_laterality(outputs):
     assert with_calcium
     for group in with_calcium:
         assert _codes_deep(group, LATERALITY) == [RIGHT]
+
+
+def test_secondary_capture_shows_rca_and_right_ica_calcium_in_their_colours_only(outputs):
+    """Each SC image: the scored voxels of its source slice in their segment's colour at the same pixel (so on the
+    patient's side where the SEG puts them), and no pixel anywhere in the colour of a vessel or side without calcium."""
+    out, results, _ = outputs
+    right_ica = {s.name for s in get_segment_set("ica").segments if s.name.startswith("right")}
+    for path, allowed in (("coronary", {"RCA"}), ("ica", right_ica)):
+        r = results[path]
+        seg_set = get_segment_set(path)
+        scored = np.where(r.volume.hu >= 130, r.labels, 0)
+        assert {s.name for s in seg_set.segments if (scored == s.number).any()} <= allowed and scored.any()
+        index = {ds.SOPInstanceUID: k for k, ds in enumerate(r.volume.datasets)}
+        files = sorted(out.glob(f"{path}_sc_*.dcm"))
+        assert len(files) == np.ptp(np.flatnonzero(scored.any(axis=(1, 2)))) + 1
+        for f in files:
+            ds = pydicom.dcmread(f)
+            rgb = ds.pixel_array.astype(int)
+            k = index[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+            zoom = rgb.shape[0] // scored.shape[1]
+            for spec in seg_set.segments:
+                jj, ii = np.nonzero(scored[k] == spec.number)
+                assert (np.abs(rgb[jj * zoom, ii * zoom] - np.asarray(spec.rgb)) <= 40).all(), (f.name, spec.name)
+                if spec.name not in allowed:
+                    assert not (np.abs(rgb - np.asarray(spec.rgb)) <= 40).all(axis=2).any(), (f.name, spec.name)
+
+
+def test_outputs_without_secondary_capture_remove_an_earlier_runs_series(scored_study, outputs, tmp_path):
+    study, results, report, _ = scored_study
+    out, _, _ = outputs
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    assert list(tmp_path.glob("*_sc_*.dcm"))
+    written = write_outputs(tmp_path, study, results, report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    assert not list(tmp_path.glob("*_sc_*.dcm")) and (tmp_path / "ica_seg.dcm").exists()
 
 
 def _codes_deep(item: pydicom.Dataset, concept: str) -> list[str]:
