@@ -36,7 +36,7 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: kB
 
 
-def warm_run(folder: Path, out: Path, models, manifest, rules, limits) -> dict[str, float]:
+def warm_run(folder: Path, out: Path, models, manifest, rules, limits, sc: bool = False) -> dict[str, float]:
     from deploy_app import pipeline
     from deploy_app.outputs import write_outputs
     from deploy_app.report import build_report
@@ -55,7 +55,7 @@ def warm_run(folder: Path, out: Path, models, manifest, rules, limits) -> dict[s
                 t[f"{r.path}.{k}"] = v
     report = build_report(study, results, manifest, {})
     write_start = time.perf_counter()
-    write_outputs(out, study, results, report)
+    write_outputs(out, study, results, report, secondary_capture=sc)
     t["writers"] = round(time.perf_counter() - write_start, 4)
     for k, v in report["timings_s"].items():
         t[f"writers.{k}"] = v
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=Path("output/benchmark.json"), help="where the numbers go")
     p.add_argument("--no-cli", action="store_true", help="skip the whole-CLI run")
     p.add_argument("--no-roi", action="store_true", help="models on the whole volume (to compare with the ROI)")
+    p.add_argument("--secondary-capture", action="store_true", help="also write the Secondary Capture series")
     args = p.parse_args(argv)
 
     import torch
@@ -116,17 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     report = {"machine": machine, "size": args.size, "runs": args.runs, "roi": not args.no_roi, "cold_start": cold}
+    report["secondary_capture"] = args.secondary_capture
+    cli_extra = ["--no-roi"] * args.no_roi + ["--secondary-capture"] * args.secondary_capture
     report["studies"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.studies:
             spec = dict(STUDIES[name])
             folder = make_study(Path(tmp) / name, size=args.size, **spec)[name]
-            runs = [warm_run(folder.parent, Path(tmp) / f"out_{name}", models, manifest, rules, limits)
+            out = Path(tmp) / f"out_{name}"
+            runs = [warm_run(folder.parent, out, models, manifest, rules, limits, args.secondary_capture)
                     for _ in range(args.runs)]  # fmt: skip
             stages = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
             entry = {"median_s": stages, "peak_rss_mb_after": round(peak_rss_mb(), 1)}
             if not args.no_cli:
-                entry["cli"] = cli_run(folder.parent, Path(tmp) / f"cli_{name}", ["--no-roi"] if args.no_roi else [])
+                entry["cli"] = cli_run(folder.parent, Path(tmp) / f"cli_{name}", cli_extra)
             report["studies"][name] = entry
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
