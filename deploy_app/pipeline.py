@@ -52,6 +52,7 @@ class PathResult:
     landmarks: dict | None = None  # DST prediction (ICA)
     mapping: dict | None = None  # segment-mapping report (ICA)
     roi: list[list[int]] | None = None  # [[k0, k1], [j0, j1], [i0, i1]] the calcium model read (None: all)
+    sliding_window: dict | None = None  # the calcium model's tile and overlap
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -74,21 +75,32 @@ class Models:
     """The loaded networks, each made once per process (a warm app scores many studies).
 
     ``roi``: run the calcium model on the heart / skull-base region the quality checks locate (the default; the
-    sliding window's cost scales with the volume it covers) instead of the whole field of view.
+    sliding window's cost scales with the volume it covers) instead of the whole field of view. ``sw_overlap``:
+    the calcium model's sliding-window overlap (None: the device's default, see :class:`CalciumSegmenter`).
     """
 
-    def __init__(self, files: Mapping[str, Path], device: torch.device | None = None, roi: bool = True):
+    def __init__(
+        self,
+        files: Mapping[str, Path],
+        device: torch.device | None = None,
+        roi: bool = True,
+        sw_overlap: float | None = None,
+    ):
         self.files = dict(files)
         self.device = device
         self.roi = roi
+        self.sw_overlap = sw_overlap
         self._loaded: dict[str, Any] = {}
 
     def get(self, name: str):
         if name not in self._loaded:
             if name not in self.files:
                 raise KeyError(f"model {name!r} is not available (run `make models`)")
-            cls = LandmarkLocator if name == "dst_landmarks" else CalciumSegmenter
-            self._loaded[name] = cls(MODELS[name], self.files[name], self.device)
+            if name == "dst_landmarks":
+                model = LandmarkLocator(MODELS[name], self.files[name], self.device)
+            else:
+                model = CalciumSegmenter(MODELS[name], self.files[name], self.device, overlap=self.sw_overlap)
+            self._loaded[name] = model
         return self._loaded[name]
 
     def available(self, path: str) -> list[str]:
@@ -176,14 +188,16 @@ def _to_source_grid(labels: np.ndarray, scored: Volume, source: Volume) -> np.nd
     return out
 
 
-def segment_calcium(name: str, vol: Volume, models: Models, box: tuple[slice, ...] | None) -> np.ndarray:
-    """The calcium model on ``box`` of the volume (the whole volume when None); labels on the whole grid."""
+def segment_calcium(name: str, result: PathResult, models: Models, box: tuple[slice, ...] | None) -> np.ndarray:
+    """The calcium model on ``box`` of the scored volume (the whole volume when None); labels on the whole grid."""
+    vol, model = result.scored_volume, models.get(name)
+    result.sliding_window = model.sliding_window
     if box is None:
-        return models.get(name)(vol.hu, vol.affine_lps)
+        return model(vol.hu, vol.affine_lps)
     affine = vol.affine_lps.copy()
     affine[:, 3] = vol.affine_lps @ np.array([box[2].start, box[1].start, box[0].start, 1.0])
     labels = np.zeros(vol.hu.shape, dtype=np.uint8)
-    labels[box] = models.get(name)(np.ascontiguousarray(vol.hu[box]), affine)
+    labels[box] = model(np.ascontiguousarray(vol.hu[box]), affine)
     return labels
 
 
@@ -208,7 +222,7 @@ def score_coronary(result: PathResult, models: Models, limits: Mapping[str, floa
     vol = result.scored_volume
     box = _roi(result, models, limits)
     with Timer(result.timings, "model_s2cac_coronary"):
-        labels = segment_calcium("s2cac_coronary", vol, models, box)
+        labels = segment_calcium("s2cac_coronary", result, models, box)
     with Timer(result.timings, "scoring"):
         result.score = _score(vol, labels, scoring.DEFAULT_LABEL_NAMES, result.choice)
     result.labels = result.scored_labels = labels
@@ -220,7 +234,7 @@ def score_ica(result: PathResult, models: Models, limits: Mapping[str, float]) -
     vol = result.scored_volume
     box = _roi(result, models, limits)
     with Timer(result.timings, "model_s2cac_ica"):
-        calcium = segment_calcium("s2cac_ica", vol, models, box)
+        calcium = segment_calcium("s2cac_ica", result, models, box)
     with Timer(result.timings, "model_dst"):
         result.landmarks = models.get("dst_landmarks")(vol.hu, vol.affine_lps)
     with Timer(result.timings, "scoring"):

@@ -50,6 +50,7 @@ def path_report(result: PathResult, models: list[dict[str, Any]]) -> dict[str, A
         "segment_set": result.path,  # the paths are named after their segment sets
         "models": models,
         "model_region_kji": result.roi,
+        "sliding_window": result.sliding_window,
         "timings_s": dict(result.timings),
     }
     if result.landmarks is not None:

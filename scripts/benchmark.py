@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cli", action="store_true", help="skip the whole-CLI run")
     p.add_argument("--no-roi", action="store_true", help="models on the whole volume (to compare with the ROI)")
     p.add_argument("--secondary-capture", action="store_true", help="also write the Secondary Capture series")
+    p.add_argument("--sw-overlap", type=float, help="the calcium models' sliding-window overlap (default: the app's)")
     args = p.parse_args(argv)
 
     import torch
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = None if args.device == "auto" else torch.device("cuda:0" if args.device == "cuda" else "cpu")
     manifest = model_files.load_manifest()
-    models = Models(model_files.locate_models(model_files.model_dir(), manifest), device, roi=not args.no_roi)
+    files = model_files.locate_models(model_files.model_dir(), manifest)
+    models = Models(files, device, roi=not args.no_roi, sw_overlap=args.sw_overlap)
     imported = time.perf_counter() - T0
     for name in manifest:
         models.get(name)
@@ -116,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    overlap = models.get("s2cac_coronary").sliding_window["overlap"]
     report = {"machine": machine, "size": args.size, "runs": args.runs, "roi": not args.no_roi, "cold_start": cold}
+    report["sw_overlap"] = overlap
     report["secondary_capture"] = args.secondary_capture
     cli_extra = ["--no-roi"] * args.no_roi + ["--secondary-capture"] * args.secondary_capture
+    cli_extra += ["--sw-overlap", str(overlap)]
     report["studies"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.studies:

@@ -7,7 +7,8 @@ loaded once), and the app's label map is scored against the truth with the S2CAC
 ``summarise`` (Agatston ICC, risk-category kappa, vessel or segment assignment, lesion detection, false
 positives on calcium-free cases, bootstrap 95 % intervals). A case the app does not score counts with an empty
 prediction, and the report says how many and why. ``--no-roi`` runs the calcium model on the whole volume, to
-compare with the heart / skull-base region of interest the app uses by default.
+compare with the heart / skull-base region of interest the app uses by default; ``--sw-overlap`` sets its
+sliding-window overlap, to compare with the app's default.
 
     .venv/bin/python scripts/evaluate_app.py data/chest_test_medium --path coronary --out output/eval_app
 """
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", required=True, choices=pipeline.PATHS)
     p.add_argument("--out", type=Path, required=True, help="evaluation.json and evaluation.md go here")
     p.add_argument("--no-roi", action="store_true", help="the calcium model on the whole volume")
+    p.add_argument("--sw-overlap", type=float, help="the calcium model's sliding-window overlap (default: the app's)")
     p.add_argument("--limit", type=int, default=0, help="only the first N cases (0: all)")
     p.add_argument("--n-boot", type=int, default=1000)
     args = p.parse_args(argv)
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
 
     manifest = model_files.load_manifest()
-    models = pipeline.Models(model_files.locate_models(model_files.model_dir(), manifest), roi=not args.no_roi)
+    files = model_files.locate_models(model_files.model_dir(), manifest)
+    models = pipeline.Models(files, roi=not args.no_roi, sw_overlap=args.sw_overlap)
     rules, limits = load_rules(), load_limits()
     names = scoring.DEFAULT_LABEL_NAMES if args.path == "coronary" else ICA_LABEL_NAMES
     cases = sorted(c for c in args.dataset.iterdir() if (c / "dicom").is_dir())[: args.limit or None]
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["app"] = {
         "path": args.path,
         "roi": not args.no_roi,
+        "sliding_window": models.get(f"s2cac_{args.path}").sliding_window,
         "cases": len(cases),
         "not_scored": dict(not_scored),
         "median_seconds_per_case": float(np.median(seconds)),
@@ -103,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evaluation.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    title = f"App ({args.path}, {'heart/skull-base ROI' if not args.no_roi else 'whole volume'}) on {args.dataset.name}"
+    overlap = summary["app"]["sliding_window"]["overlap"]
+    region = "heart/skull-base ROI" if not args.no_roi else "whole volume"
+    title = f"App ({args.path}, {region}, overlap {overlap:g}) on {args.dataset.name}"
     md = evaluation.to_markdown(summary, title=title)
     md += f"\nNot scored by the app: {dict(not_scored) or 'none'}; median {np.median(seconds):.1f} s per case.\n"
     (args.out / "evaluation.md").write_text(md)

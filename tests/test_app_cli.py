@@ -25,6 +25,7 @@ from bundles.s2cac_coronary_calcium.scripts import scoring
 from conftest import ROOT, need_tool
 from deploy_app.cli import EXIT_CODES
 from deploy_app.dicom_codes import QUALITY_FINDINGS
+from deploy_app.inference import CPU_SW_OVERLAP, default_device
 from deploy_app.volume import build_volume
 
 QUALITY_MEANINGS = {check: code.meaning for check, code in QUALITY_FINDINGS.items()}
@@ -75,6 +76,9 @@ def test_module_run_writes_every_object_and_prints_the_scores(app_run):
         report["paths"]["ica"]["series"]["series_uid"],
     }
     assert {m["name"] for m in report["paths"]["ica"]["models"]} == {"s2cac_ica", "dst_landmarks"}
+    overlap = CPU_SW_OVERLAP if default_device().type == "cpu" else 0.5  # the bundles' own on a GPU
+    assert report["paths"]["coronary"]["sliding_window"] == {"roi_size": [16, 160, 160], "overlap": overlap}
+    assert report["paths"]["ica"]["sliding_window"] == {"roi_size": [16, 128, 128], "overlap": overlap}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +226,8 @@ def test_missing_empty_and_non_dicom_inputs_fail_before_anything_runs(tmp_path):
     assert_one_line_error(run_app("-i", str(bad), "-o", str(out)), "input", "no DICOM files in", out)
     r = run_app("-i", str(bad), "-o", str(out), env={"CALCIMAP_SECONDARY_CAPTURE": "maybe"})
     assert_one_line_error(r, "input", "CALCIMAP_SECONDARY_CAPTURE='maybe' is neither on", out)
+    r = run_app("-i", str(bad), "-o", str(out), "--sw-overlap", "1")
+    assert_one_line_error(r, "input", "'1' is not an overlap from 0 up to (not including) 1", out)
 
 
 def test_truncated_dicom_file_is_named_in_the_error(study, tmp_path):

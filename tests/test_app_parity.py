@@ -18,10 +18,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from bundles.s2cac_coronary_calcium.scripts import scoring
 from conftest import ROOT
-from deploy_app.inference import CalciumSegmenter, LandmarkLocator
+from deploy_app.inference import CPU_SW_OVERLAP, CalciumSegmenter, LandmarkLocator
 from deploy_app.models import MODELS, load_manifest, locate_models, model_dir, sha256
 from deploy_app.volume import build_volume
 from phantoms.chest import make_chest_case
@@ -73,15 +74,18 @@ def test_coronary_mask_and_scores_equal_the_bundle_inference(models, tmp_path):
     grid = dataclasses.replace(case.grid, shape=(nk, 80, 80), origin=tuple(float(v) for v in origin))
     image = case.arrays["image"][crop]
     folder, datasets = write_both(image, grid, tmp_path / "chest", "2")
+    segmenter = CalciumSegmenter(MODELS["s2cac_coronary"], models["s2cac_coronary"], torch.device("cpu"))
+    overlap = segmenter.sliding_window["overlap"]  # the app's CPU default; the bundle is told the same
 
     bundle_run(
-        ["inference.yaml"], "s2cac_coronary_calcium", folder, tmp_path / "bundle_out", "--input_glob", "image.nii.gz"
-    )
+        ["inference.yaml"], "s2cac_coronary_calcium", folder, tmp_path / "bundle_out", "--input_glob", "image.nii.gz",
+        "--inferer#overlap", str(overlap),
+    )  # fmt: skip
     seg = nib.load(next((tmp_path / "bundle_out").rglob("*_seg.nii.gz")))
     bundle_labels = np.asarray(seg.dataobj).transpose(2, 1, 0)
 
     vol = build_volume(datasets)
-    app_labels = CalciumSegmenter(MODELS["s2cac_coronary"], models["s2cac_coronary"])(vol.hu, vol.affine_lps)
+    app_labels = segmenter(vol.hu, vol.affine_lps)
     assert app_labels.shape == bundle_labels.shape
     assert np.array_equal(app_labels, bundle_labels), f"{int((app_labels != bundle_labels).sum())} voxels differ"
     spacing = vol.scoring_spacing
@@ -104,3 +108,11 @@ def test_landmarks_equal_the_bundle_inference(models, tmp_path):
     assert [{k: lm[k] for k in keys} for lm in got["landmarks"]] == [
         {k: lm[k] for k in keys} for lm in expected["landmarks"]
     ]
+
+
+def test_the_calcium_model_reads_with_the_cpu_overlap_unless_told_otherwise(models):
+    cpu = torch.device("cpu")
+    default = CalciumSegmenter(MODELS["s2cac_coronary"], models["s2cac_coronary"], cpu)
+    assert default.sliding_window == {"roi_size": [16, 160, 160], "overlap": CPU_SW_OVERLAP}
+    told = CalciumSegmenter(MODELS["s2cac_ica"], models["s2cac_ica"], cpu, overlap=0.5)
+    assert told.sliding_window == {"roi_size": [16, 128, 128], "overlap": 0.5}
