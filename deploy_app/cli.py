@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sw-overlap",
-        type=_overlap,
+        type=sw_overlap,
         metavar="F",
         help="sliding-window overlap of the calcium models, 0 <= F < 1 (default: 0.25 on a CPU, the bundles' 0.5 "
         "on a GPU)",
@@ -71,21 +71,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _positive_mb(text: str) -> float:
+def _as_float(text: str) -> float:
+    """``text`` as a number; NaN, which fails every range check below, when it is none."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = float("nan")
+        return float("nan")
+
+
+def _positive_mb(text: str) -> float:
+    value = _as_float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of megabytes")
     return value
 
 
-def _overlap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+def sw_overlap(text: str) -> float:
+    """A sliding-window overlap argument (the app's, the benchmark's and evaluate_app's): 0 <= F < 1."""
+    value = _as_float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not an overlap from 0 up to (not including) 1")
     return value

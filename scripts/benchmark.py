@@ -26,6 +26,8 @@ T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
+from deploy_app.cli import sw_overlap  # noqa: E402  (argparse only: the timed imports come later)
+
 STUDIES = {
     "chest": {"chest": (0, 1), "head": None, "chest_kwargs": {"thickness": 3.0}},
     "head": {"chest": None, "head": (0, 1), "head_kwargs": {"thickness": 1.0, "tilt_deg": 0.0}},
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cli", action="store_true", help="skip the whole-CLI run")
     p.add_argument("--no-roi", action="store_true", help="models on the whole volume (to compare with the ROI)")
     p.add_argument("--secondary-capture", action="store_true", help="also write the Secondary Capture series")
-    p.add_argument("--sw-overlap", type=float, help="the calcium models' sliding-window overlap (default: the app's)")
+    p.add_argument("--sw-overlap", type=sw_overlap, help="the calcium models' tile overlap (default: the app's)")
     args = p.parse_args(argv)
 
     import torch

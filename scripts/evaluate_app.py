@@ -35,6 +35,7 @@ from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES as ICA_LA
 from bundles.s2cac_coronary_calcium.scripts import evaluation, scoring  # noqa: E402
 from deploy_app import models as model_files  # noqa: E402
 from deploy_app import pipeline  # noqa: E402
+from deploy_app.cli import sw_overlap  # noqa: E402
 from deploy_app.quality import load_limits  # noqa: E402
 from deploy_app.selection import load_rules  # noqa: E402
 from deploy_app.study import read_study  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", required=True, choices=pipeline.PATHS)
     p.add_argument("--out", type=Path, required=True, help="evaluation.json and evaluation.md go here")
     p.add_argument("--no-roi", action="store_true", help="the calcium model on the whole volume")
-    p.add_argument("--sw-overlap", type=float, help="the calcium model's sliding-window overlap (default: the app's)")
+    p.add_argument("--sw-overlap", type=sw_overlap, help="the calcium model's tile overlap (default: the app's)")
     p.add_argument("--limit", type=int, default=0, help="only the first N cases (0: all)")
     p.add_argument("--n-boot", type=int, default=1000)
     args = p.parse_args(argv)
