@@ -12,8 +12,8 @@ app and model versions and "not for diagnostic use".
 
 Numbers are rounded for the reader (1 decimal) here only; results.json keeps them unrounded and the risk
 category comes from the unrounded total (the report says so). Rendering uses matplotlib's PDF backend through
-``Figure`` objects (no pyplot, no display, no global backend switch) with TrueType fonts (text a PDF reader can
-search and extract) and no creation date, so that the same input gives the same bytes.
+``Figure`` objects (no pyplot, no display, no global backend switch) with embedded DejaVu Sans (text a PDF reader
+can search and extract) and no creation date, so that the same input gives the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import matplotlib
@@ -41,7 +42,7 @@ from bundles.s2cac_coronary_calcium.scripts.scoring import (
     STANDARD_KVP,
     STANDARD_THICKNESS_RANGE_MM,
 )
-from deploy_app.overlay import WINDOWS, orientation_label, overlay_rgb, scored_voxels
+from deploy_app.overlay import WINDOWS, labelled_slices, orientation_label, overlay_rgb, scored_voxels
 from deploy_app.segment_sets import SegmentSet, get_segment_set
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,11 @@ _GREY = "#555555"
 _LIGHT = "#e8ecf0"
 _RED = "#b00020"
 _AMBER = "#8a5a00"
-# Each font is embedded once. matplotlib 3.11's PDF writer sizes its font subsets by "ps.fonttype", and at its
-# default (Type 3: 256 glyphs) every font with a character beyond Latin-1 (an em dash, a ">=") went in twice; a
-# ligature glyph ("fi") goes into a subset of its own. Subsetting is most of the time the PDF takes to write.
-_FONT = {"pdf.fonttype": 42, "ps.fonttype": 42, "font.family": "DejaVu Sans"}
+# Type 3 fonts (matplotlib's default): glyph outlines drawn by the PDF, text searchable through a ToUnicode map.
+# TrueType (Type 42) embedding subsets each font with fontTools, which parses DejaVu's large layout tables: it
+# took 0.4 s of a 1.2 s report (3 fonts), Type 3 takes a tenth of that. The price: a font with characters beyond
+# Latin-1 (an em dash, a ">=") goes in as two subsets of 256 glyphs, a few kB more.
+_FONT = {"pdf.fonttype": 3, "ps.fonttype": 3, "font.family": "DejaVu Sans"}
 NO_LIGATURES = ("-liga",)
 
 
@@ -121,6 +123,11 @@ class KeyImages:
             if d.shape != (2, 3) or not np.allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-3):
                 raise ValueError(f"in-plane directions must be two LPS unit vectors, got {d.tolist()}")
 
+    @cached_property
+    def scored(self) -> np.ndarray:
+        """``labels`` where the score counts the voxel (HU >= 130), else 0."""
+        return scored_voxels(self.hu, self.labels)
+
     def position_mm(self, k: int) -> float:
         if self.slice_positions_mm is not None:
             return float(self.slice_positions_mm[k])
@@ -139,20 +146,19 @@ def select_key_slices(images: KeyImages, max_slices: int = MAX_KEY_SLICES) -> li
     """The slices to show: per segment with calcium, its slice with the most scored voxels; at most
     ``max_slices``, the segments with the most calcium first, shown in slice order. No calcium: the middle slice.
     """
-    hu, labels = np.asarray(images.hu), np.asarray(images.labels)
-    scored = scored_voxels(hu, labels)
-    per_segment: list[tuple[int, int, int]] = []  # (voxels, segment, best slice)
-    for segment in np.unique(scored[scored > 0]).tolist():
-        counts = (scored == segment).reshape(scored.shape[0], -1).sum(axis=1)
-        per_segment.append((int(counts.sum()), int(segment), int(np.argmax(counts))))
-    if not per_segment:
-        return [KeySlice(hu.shape[0] // 2, ())]
-    per_segment.sort(key=lambda item: (-item[0], item[1]))
-    chosen: list[int] = []
-    for _, _, k in per_segment:
-        if k not in chosen and len(chosen) < max_slices:
-            chosen.append(k)
-    return [KeySlice(k, tuple(int(s) for s in np.unique(scored[k][scored[k] > 0]))) for k in sorted(chosen)]
+    scored = images.scored
+    ks = labelled_slices(scored)
+    if not ks.size:
+        return [KeySlice(scored.shape[0] // 2, ())]
+    n_segments = int(scored[ks].max()) + 1
+    counts = np.stack([np.bincount(scored[k].ravel(), minlength=n_segments) for k in ks])  # [n, s]: slice ks[n]
+    totals = counts.sum(axis=0)
+    chosen: list[int] = []  # rows of counts
+    for s in sorted(np.flatnonzero(totals[1:]) + 1, key=lambda s: (-totals[s], s)):
+        n = int(np.argmax(counts[:, s]))
+        if n not in chosen and len(chosen) < max_slices:
+            chosen.append(n)
+    return [KeySlice(int(ks[n]), tuple(int(s) for s in np.flatnonzero(counts[n, 1:]) + 1)) for n in sorted(chosen)]
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -226,17 +232,15 @@ def _series_line(series: Mapping[str, Any]) -> str:
 
 
 def _equivalent_reasons(path: Mapping[str, Any]) -> list[str] | None:
-    """Why the score is Agatston-equivalent, or None for a standard acquisition."""
+    """Why the score is Agatston-equivalent (the score's acquisition note: the scorer's, or the series
+    selection's non-standard findings), or None for a standard acquisition."""
     selection = path.get("selection") or {}
     scores = path.get("scores") or {}
     flagged = selection.get("standard") is False or bool(scores.get("agatston_equivalent"))
     if not flagged:
         return None
-    reasons = [str(r) for r in selection.get("reasons") or []]
-    note = scores.get("acquisition_note")
-    if note:
-        reasons += [r.strip() for r in str(note).split(";") if r.strip() and r.strip() not in reasons]
-    return reasons
+    note = str(scores.get("acquisition_note") or "")
+    return list(dict.fromkeys(r.strip() for r in note.split(";") if r.strip()))
 
 
 # ----------------------------------------------------------------------------------------------- page flow
@@ -530,9 +534,11 @@ def _landmarks(pages: _Pages, path: Mapping[str, Any]) -> None:
         return
     items = []
     for m in marks:
-        name = str(m.get("name", "")).replace("_", " ")
-        if m.get("present", True):
-            items.append(f"{name} at slice {fmt_number(m.get('slice'))} (z {fmt_number(m.get('z_mm'))} mm)")
+        side, *segments = str(m.get("name", "")).split("_")  # e.g. right_cervical_petrous
+        name = f"{side} {chr(0x2013).join(segments)} boundary"
+        if m.get("present", True) and m.get("slice") is not None:
+            # slices counted from 1, as in the key images' captions
+            items.append(f"{name} at slice {int(m['slice']) + 1} (z {fmt_number(m.get('z_mm'))} mm)")
         else:
             items.append(f"{name} not in the scan")
     pages.paragraph(
@@ -667,7 +673,7 @@ def _key_image_page(pages: _Pages, key: str, path: Mapping[str, Any], images: Ke
     )
     pages.y += legend_h + 0.1
 
-    scored = scored_voxels(images.hu, images.labels)
+    scored = images.scored
     slices = select_key_slices(images)
     large = len(slices) <= 2  # few key slices: bigger images, caption below instead of beside them
     size = 3.0 if large else 2.05

@@ -37,7 +37,7 @@ from deploy_app.dicom_output import (
     source_datetime,
     write_atomic,
 )
-from deploy_app.overlay import WINDOWS, orientation_label, overlay_rgb, scored_voxels
+from deploy_app.overlay import WINDOWS, labelled_slices, orientation_label, overlay_rgb, scored_voxels
 from deploy_app.segment_sets import SegmentSet, default_algorithm, get_segment_set
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def sc_series_uid(source_series_uid: str, segment_set: str, algorithm: Algorithm
 
 def sc_slices(scored: np.ndarray) -> list[int]:
     """Source slice indices the series shows: the slab holding scored calcium, else the middle slice."""
-    ks = np.flatnonzero(np.asarray(scored).reshape(scored.shape[0], -1).any(axis=1))
+    ks = labelled_slices(scored)
     return list(range(int(ks[0]), int(ks[-1]) + 1)) if ks.size else [scored.shape[0] // 2]
 
 

@@ -35,6 +35,7 @@ from deploy_app.dicom_output import (
     source_datetime,
     write_atomic,
 )
+from deploy_app.overlay import labelled_slices
 from deploy_app.segment_sets import SegmentSet, SegmentSpec, default_algorithm, get_segment_set
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _check_label_map(label_kji: np.ndarray, datasets: Sequence[Dataset], n_segme
 
 def _slab(labels: np.ndarray) -> tuple[int, int]:
     """First and last slice index holding any label; (0, 0) when there is none."""
-    ks = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    ks = labelled_slices(labels)
     return (int(ks[0]), int(ks[-1])) if ks.size else (0, 0)
 
 

@@ -91,7 +91,12 @@ def scored_path(case, labels: np.ndarray, segment_set: str, number: int, descrip
         "series": series,
         "selection": {
             "standard": note is None,
-            "reasons": [] if note is None else note.split("; "),
+            # as the app's selection gives them: the region, the standard check, the ranking preferences
+            "reasons": [
+                "BodyPartExamined shows the region",
+                "standard acquisition" if note is None else f"non-standard acquisition: {note}",
+                f"tube voltage {series['kvp']:g} kVp (target 120 kVp)",
+            ],
             "candidates": [
                 {
                     **{k: series[k] for k in ("series_uid", "series_number", "series_description")},
@@ -235,7 +240,15 @@ def test_agatston_equivalent_is_printed_with_its_reason_only_when_flagged(pdf, r
     assert report["paths"]["coronary"]["scores"]["agatston_equivalent"] is False
     text = " ".join(pdf_text(pdf)).replace("\n", " ")
     assert text.count("Agatston-equivalent: this acquisition is not the standard one") == 1
-    assert "slice thickness 1.25 mm (standard 2.5-3 mm)" in text
+    why = text.split("Agatston-equivalent: this acquisition is not the standard one")[1].split("Compare these")[0]
+    assert why.count("slice thickness 1.25 mm (standard 2.5-3 mm)") == 1
+    assert "target" not in why and "BodyPartExamined" not in why  # the reasons, not the selection's other facts
+
+
+def test_landmarks_read_as_boundaries_on_slices_counted_from_one(pdf):
+    text = " ".join(pdf_text(pdf)).replace("\n", " ")
+    assert "right cervical\u2013petrous boundary at slice 4 (z -12.5 mm)" in text  # slice index 3
+    assert "left cervical\u2013petrous boundary not in the scan" in text
     coronary_part = text.split("Intracranial internal carotid artery")[0]
     assert "Agatston-equivalent" not in coronary_part
 
