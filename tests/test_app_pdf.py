@@ -243,14 +243,14 @@ def test_agatston_equivalent_is_printed_with_its_reason_only_when_flagged(pdf, r
     why = text.split("Agatston-equivalent: this acquisition is not the standard one")[1].split("Compare these")[0]
     assert why.count("slice thickness 1.25 mm (standard 2.5-3 mm)") == 1
     assert "target" not in why and "BodyPartExamined" not in why  # the reasons, not the selection's other facts
+    coronary_part = text.split("Intracranial internal carotid artery")[0]
+    assert "Agatston-equivalent" not in coronary_part
 
 
 def test_landmarks_read_as_boundaries_on_slices_counted_from_one(pdf):
     text = " ".join(pdf_text(pdf)).replace("\n", " ")
     assert "right cervical\u2013petrous boundary at slice 4 (z -12.5 mm)" in text  # slice index 3
     assert "left cervical\u2013petrous boundary not in the scan" in text
-    coronary_part = text.split("Intracranial internal carotid artery")[0]
-    assert "Agatston-equivalent" not in coronary_part
 
 
 def test_page_count_is_text_pages_plus_one_key_image_page_per_scored_path(pdf, report_and_images):
