@@ -524,7 +524,7 @@ def _candidates(pages: _Pages, path: Mapping[str, Any]) -> None:
     items = []
     for c in sorted(others, key=lambda c: (c.get("rank") is None, c.get("rank") or 0)):
         why = "; ".join(str(r) for r in c.get("reasons") or []) or ("matched" if c.get("matched") else "not matched")
-        items.append(f"series {_number(c)} \u201c{c.get('series_description') or ''}\u201d ({why})")
+        items.append(f"series {_number(c)} \u201c{c.get('description') or ''}\u201d ({why})")
     pages.paragraph("Other series considered, not used: " + "; ".join(items) + ".", 7.5, color=_GREY)
 
 

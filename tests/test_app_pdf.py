@@ -99,7 +99,9 @@ def scored_path(case, labels: np.ndarray, segment_set: str, number: int, descrip
             ],
             "candidates": [
                 {
-                    **{k: series[k] for k in ("series_uid", "series_number", "series_description")},
+                    # the keys of deploy_app.selection's candidates (results.json)
+                    **{k: series[k] for k in ("series_uid", "series_number")},
+                    "description": series["series_description"],
                     "matched": True,
                     "rank": 1,
                     "reasons": ["non-contrast, soft kernel"],
@@ -107,7 +109,7 @@ def scored_path(case, labels: np.ndarray, segment_set: str, number: int, descrip
                 {
                     "series_uid": "1.2.3.99",
                     "series_number": 99,
-                    "series_description": "Lung 1.0 B70f",
+                    "description": "Lung 1.0 B70f",
                     "matched": False,
                     "rank": 2,
                     "reasons": ["sharp kernel 'B70f'"],
@@ -245,6 +247,11 @@ def test_agatston_equivalent_is_printed_with_its_reason_only_when_flagged(pdf, r
     assert "target" not in why and "BodyPartExamined" not in why  # the reasons, not the selection's other facts
     coronary_part = text.split("Intracranial internal carotid artery")[0]
     assert "Agatston-equivalent" not in coronary_part
+
+
+def test_other_series_considered_are_named_with_their_description_and_reason(pdf):
+    text = " ".join(pdf_text(pdf)).replace("\n", " ")
+    assert "series 99 \u201cLung 1.0 B70f\u201d (sharp kernel 'B70f')" in text
 
 
 def test_landmarks_read_as_boundaries_on_slices_counted_from_one(pdf):
