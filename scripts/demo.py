@@ -18,20 +18,34 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 from make_study import make_study  # noqa: E402
 
-TRUTH_LABELS = {"coronary": ("chest", "label.nii.gz"), "ica": ("head", "segments.nii.gz")}
+# The demo's head: a standard 3 mm series with calcium in the right cavernous ICA (Agatston 50.9 on the truth). At
+# the demo's `small` size the default case (0:1) has one plaque too small to label a voxel, so it shows nothing.
+DEMO_HEAD = (0, 15)
 
 
 def truth_scores(study: Path, made: dict[str, Path]) -> dict[str, dict]:
-    """The phantom truth scored by the same scorer: the truth label map on the image the app read."""
+    """The phantom truth scored by the same scorer: the true calcium labels on the image the app read.
+
+    Coronary: the label map is the vessel of each calcium voxel. ICA: the label map is binary calcium, and each
+    calcium voxel takes the side and segment of its nearest lumen voxel in the ``segments`` map (as
+    ``scripts/evaluate_app.py`` does); the ``segments`` map itself is the lumen, not calcium.
+    """
+    from measure_icac_mapping import truth_labels
+
     from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES
-    from bundles.s2cac_coronary_calcium.scripts.scoring import score_nifti
+    from bundles.s2cac_coronary_calcium.scripts.scoring import load_nifti_pair, score_calcium
 
     out = {}
-    for path, (kind, labels) in TRUTH_LABELS.items():
-        if kind in made:
-            case = study / "truth" / made[kind].name.split("_", 1)[1]
-            names = {"label_names": LABEL_NAMES} if path == "ica" else {}
-            out[path] = score_nifti(case / "image.nii.gz", case / labels, **names).as_dict()
+    for path, kind in (("coronary", "chest"), ("ica", "head")):
+        if kind not in made:
+            continue
+        case = study / "truth" / made[kind].name.split("_", 1)[1]
+        image, label, spacing = load_nifti_pair(case / "image.nii.gz", case / "label.nii.gz")
+        names = None  # the scorer's default: the coronary vessels
+        if path == "ica":
+            _, segments, _ = load_nifti_pair(case / "image.nii.gz", case / "segments.nii.gz")
+            label, names = truth_labels(label, segments, spacing)[0], LABEL_NAMES
+        out[path] = score_calcium(image, label, spacing, label_names=names).as_dict()
     return out
 
 
@@ -63,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     study = args.out / "study"
     results = args.out / "results"
-    made = make_study(study, size=args.size)
+    made = make_study(study, size=args.size, head=DEMO_HEAD)
     print(f"synthetic study: {study / 'dicom'} ({', '.join(made)})")
     cmd = [sys.executable, "-m", "deploy_app", "-i", str(study / "dicom"), "-o", str(results), "-l", "WARNING"]
     print("$ " + " ".join(cmd))

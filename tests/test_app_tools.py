@@ -54,3 +54,29 @@ def test_benchmark_times_each_stage_and_records_the_overlap(tmp_path):
     assert stages["total"] >= stages["coronary.model_s2cac_coronary"] + stages["writers"]
     assert "cli" not in report["studies"]["chest"]
     assert "| total |" in r.stdout
+
+
+def test_demo_truth_scores_the_true_calcium_not_the_ica_lumen(tmp_path):
+    """make demo's "truth Agatston" column: the ICA truth is the calcium voxels placed on segments, not the lumen map
+    (whose petrous voxels partial-volume with bone over 130 HU and once printed a truth of 582.7 for a head whose
+    one plaque labels no voxel)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo import DEMO_HEAD, truth_scores
+    from make_study import make_study
+
+    from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES
+    from bundles.s2cac_coronary_calcium.scripts.scoring import score_nifti
+
+    made = make_study(tmp_path / "none", chest=None, head=(0, 1))
+    truth = truth_scores(tmp_path / "none", made)
+    assert set(truth) == {"ica"} and truth["ica"]["total"]["agatston"] == 0.0
+    case = tmp_path / "none" / "truth" / made["head"].name.split("_", 1)[1]
+    lumen = score_nifti(case / "image.nii.gz", case / "segments.nii.gz", label_names=LABEL_NAMES)
+    assert lumen.total.agatston > 100
+
+    made = make_study(tmp_path / "demo", chest=(0, 1), head=DEMO_HEAD)
+    truth = truth_scores(tmp_path / "demo", made)
+    ica = {name: s["agatston"] for name, s in truth["ica"]["per_label"].items() if s["agatston"] > 0}
+    assert list(ica) == ["right cavernous"] and ica["right cavernous"] > 10  # the demo shows a finding, one side
+    coronary = truth["coronary"]
+    assert coronary["total"]["agatston"] > 0 and set(coronary["per_label"]) == {"LM", "LAD", "LCX", "RCA"}
