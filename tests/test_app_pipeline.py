@@ -3,13 +3,16 @@ an untilted grid to the source series' tilted grid."""
 
 from __future__ import annotations
 
+import re
+from types import SimpleNamespace
+
 import numpy as np
 import pydicom
 import pytest
 from scipy import ndimage
 
 from deploy_app import quality
-from deploy_app.pipeline import _to_source_grid
+from deploy_app.pipeline import PathResult, _to_source_grid, score_ica
 from deploy_app.volume import build_volume, untilt
 from phantoms.chest import make_chest_case
 from phantoms.dicom_series import write_ct_series
@@ -106,3 +109,49 @@ def test_skull_base_box_puts_its_anterior_margin_in_front_when_the_rows_run_fron
     # an oblique row axis gets the anterior margin on both sides
     oblique = quality.skull_base_box(image, spacing, LIMITS, j_posterior=0.0)
     assert oblique[1].start <= usual[1].start and oblique[1].stop > usual[1].stop
+
+
+class _Given:
+    """A model stub that returns what it was given (the phantom's truth), in the models' calling convention."""
+
+    sliding_window = {"roi_size": [16, 128, 128], "overlap": 0.25}
+
+    def __init__(self, output):
+        self.output = output
+
+    def __call__(self, hu, affine):
+        return self.output
+
+
+class _Models:
+    roi = False
+
+    def __init__(self, **models):
+        self.models = models
+
+    def get(self, name):
+        return self.models[name]
+
+
+def test_ica_is_not_scored_when_the_landmarks_put_one_side_far_above_the_other(tmp_path):
+    """A landmark model reading a scan unlike its training data put the boundaries of the two sides 41-110 mm apart
+    (demo weights on `medium` and `full` heads); the segment split would be wrong, so the ICA path says why instead."""
+    case = make_head_case(0, 6, "small", calcium="both", tilt_deg=0.0)
+    vol = volume_of(case, tmp_path)
+    calcium = (case.arrays["label"] > 0).astype(np.uint8)
+    truth = [dict(item, present=item["in_scan"]) for item in case.truth["landmarks"]]
+    shifted = [dict(item) for item in truth]
+    moved = next(item for item in shifted if item["name"] == "left_petrous_cavernous")
+    moved["slice_index"] += 40.0 / case.grid.increment_mm  # 40 mm above the right one
+
+    def run(landmarks):
+        choice = SimpleNamespace(standard=True, reasons=[])  # a standard series: no Agatston-equivalent note
+        result = PathResult(path="ica", choice=choice, volume=vol, scored_volume=vol)
+        score_ica(result, _Models(s2cac_ica=_Given(calcium), dst_landmarks=_Given({"landmarks": landmarks})), LIMITS)
+        return result
+
+    assert run(truth).scored
+    result = run(shifted)
+    assert not result.scored and result.labels is None
+    reason = "Calcium could not be mapped to ICA segments: implausible landmarks: the left petrous-cavernous boundary"
+    assert re.fullmatch(re.escape(reason) + r" lies \d\d mm above the right one \(.*\)", result.not_scored_reason)

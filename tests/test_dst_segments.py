@@ -21,6 +21,7 @@ from bundles.dst_ica_calcification.scripts.segments import (
     boundary_thresholds,
     map_segments,
     parse_landmarks,
+    side_disagreements,
 )
 from bundles.s2cac_coronary_calcium.scripts.scoring import score_calcium
 from phantoms import head
@@ -160,6 +161,38 @@ def test_a_side_with_calcium_but_no_landmarks_is_an_error_and_one_without_is_not
     assert m.table()["left"]["total"].volume_mm3 == 0 and m.table()["right"]["total"].volume_mm3 > 0
 
 
+def test_boundaries_far_apart_between_the_sides_are_named_in_mm_and_direction():
+    up = np.diag([0.5, 0.5, 3.0, 1.0])  # slice k at z = 3k mm
+    down = np.diag([0.5, 0.5, -2.0, 1.0])  # slices stacked from the top down
+    positions = {"right": [None, 4.0, 9.0], "left": [2.0, 12.0, 17.0]}  # right cervical boundary absent
+    found = side_disagreements(positions, up)  # petrous|cavernous and cavernous|supraclinoid: 8 slices = 24 mm
+    assert found == []
+    found = side_disagreements(positions, up, max_mm=20.0)
+    assert len(found) == 2 and found[0].startswith("the left petrous-cavernous boundary lies 24 mm above the right")
+    found = side_disagreements({"right": [1.0, 2.0, 3.0], "left": [1.0, 2.0, 16.0]}, down)
+    assert found == [
+        "the left cavernous-supraclinoid boundary lies 26 mm below the right one "
+        "(the two sides' boundaries lie within 25 mm of each other)"
+    ]
+
+
+def test_implausible_landmarks_refuse_to_map_calcium_and_only_warn_without_it():
+    image, mask, affine = blob_volume()  # 3 mm slices
+    plane = MidSagittalPlane((0.0, 0.0, 0.0), (1.0, 0.0, 0.0))
+    # the left petrous|cavernous boundary 9 slices (27 mm) above the right one
+    landmarks = [lm("right", b, k) for b, k in ((1, 3.0), (2, 6.0), (3, 16.0))]
+    landmarks += [lm("left", b, k) for b, k in ((1, 3.0), (2, 15.0), (3, 16.0))]
+    with pytest.raises(ValueError, match="implausible landmarks: the left petrous-cavernous boundary lies 27 mm above"):
+        map_segments(image, mask, affine, landmarks, plane)
+    m = map_segments(image, mask, affine, landmarks, plane, max_side_difference_mm=30.0)
+    assert m.table()["left"]["total"].volume_mm3 > 0 and m.warnings == []
+    m = map_segments(image, np.zeros_like(mask), affine, landmarks, plane)
+    assert m.score.total.agatston == 0 and m.warnings == [
+        "implausible landmarks (no calcium to map): the left petrous-cavernous boundary lies 27 mm above the right "
+        "one (the two sides' boundaries lie within 25 mm of each other)"
+    ]
+
+
 # --- phantoms: right-only calcium under yaw and roll --------------------------------------------------------------
 
 
@@ -223,11 +256,18 @@ def test_cli_errors_for_bad_inputs(case_dir, tmp_path, capsys):
     bad.write_text(json.dumps({"landmarks": [{"side": "left", "boundary": 7, "slice_index": 3}]}))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
+    implausible = tmp_path / "implausible.json"
+    landmarks = json.loads(truth.read_text())["landmarks"]
+    for item in landmarks:
+        if item["name"] == "left_petrous_cavernous":
+            item["slice_index"] += 40  # >= 50 mm higher (small heads have slices of 1.25 mm or more)
+    implausible.write_text(json.dumps({"landmarks": landmarks}))
     cases = [
         ((image, tmp_path / "short.nii.gz", truth), "differ"),
         ((image, tmp_path / "moved.nii.gz", truth), "different affines"),
         ((image, label, bad), "bad.json: landmark 0: boundary must be 1, 2 or 3"),
         ((image, label, broken), "not valid JSON"),
+        ((image, label, implausible), "implausible.json: implausible landmarks: the left petrous-cavernous boundary"),
         ((image, label, tmp_path / "none.json"), "no such file"),
     ]
     for args, message in cases:
