@@ -6,6 +6,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
@@ -67,6 +68,32 @@ def test_slice_order_and_targets_do_not_depend_on_how_the_file_stores_its_slices
     assert file_slice(down["geometry"], 4) == D - 1 - 4
     assert up["geometry"]["z_mm"] == down["geometry"]["z_mm"] == [3.0 * k for k in range(D)]
     assert up["thickness_mm"] == 3.0
+
+
+def test_a_field_of_view_in_mm_keeps_the_anatomy_one_size_whatever_the_scans_field(tmp_path):
+    """A 60 mm disc in a 140 mm skull-base field (0.5 mm pixels) and in a 230 mm head field (1.8 mm pixels) comes
+    out the same size at the same place; resizing the whole slice makes the first 1.6 times wider."""
+
+    def disc(pixel_mm: float, n: int, name: str) -> dict:
+        c = (np.arange(n) - (n - 1) / 2) * pixel_mm
+        vol = np.where(np.hypot(*np.meshgrid(c, c, indexing="ij")) <= 30.0, 1000.0, -1000.0).astype(np.float32)
+        affine = np.diag([-pixel_mm, -pixel_mm, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(np.repeat(vol[:, :, None], 3, axis=2), affine), tmp_path / f"{name}.nii.gz")
+        return {"image": str(tmp_path / f"{name}.nii.gz")}
+
+    def widths(field_of_view_mm):
+        load = [LoadImaged("image", image_only=True), EnsureChannelFirstd("image"), SliceSequenced("image")]
+        chain = Compose([*load, ResizeInPlaned("image", (64, 64), field_of_view_mm=field_of_view_mm)])
+        out = [chain(disc(0.5, 280, "skull_base"))["image"], chain(disc(1.8, 128, "head"))["image"]]
+        return out, [float((x[0, 1] > 0).sum(dim=1).max()) for x in out]
+
+    (small_field, large_field), (a, b) = widths(218.0)
+    assert abs(a - b) <= 1 and abs(a - 64 * 60 / 218) <= 1.5  # 60 mm at 3.4 mm per pixel: 17.6 pixels
+    share = [float((x[0, 1] > 0).float().mean()) for x in (small_field, large_field)]
+    assert share[0] == pytest.approx(share[1], abs=0.01)
+    assert small_field.min() == -1000.0  # padded with the image's air, not zeros
+    _, (a, b) = widths(None)
+    assert a / b == pytest.approx(230.4 / 140, rel=0.08)
 
 
 def test_depth_crop_shifts_targets_and_turns_landmarks_outside_absent(tmp_path):
