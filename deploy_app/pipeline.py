@@ -51,7 +51,7 @@ class PathResult:
     score: scoring.CalciumScore | None = None
     landmarks: dict | None = None  # DST prediction (ICA)
     mapping: dict | None = None  # segment-mapping report (ICA)
-    roi: list[list[int]] | None = None  # [[k0, k1], [j0, j1], [i0, i1]] the calcium model read (None: all)
+    roi: list[list[int]] | None = None  # [[k0, k1], [j0, j1], [i0, i1]] the calcium model read, the DST its slices
     sliding_window: dict | None = None  # the calcium model's tile and overlap
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -228,6 +228,26 @@ def score_coronary(result: PathResult, models: Models, limits: Mapping[str, floa
     result.labels = result.scored_labels = labels
 
 
+def locate_landmarks(locator, vol: Volume, box: tuple[slice, ...] | None) -> dict:
+    """DST on the slices of the skull-base region (all slices when ``box`` is None), indices on the whole volume.
+
+    The DST was trained on heads covering the skull base and the siphon, not the vault: on whole-head scans up to
+    the vertex it put a landmark in the vault (left petrous-cavernous boundary at slice 149 of 163, 107 slices
+    above its place). The region's slices (from the first to 45 mm above the petrous bones) are what it learned;
+    each slice keeps its whole field of view.
+    """
+    if box is None:
+        return locator(vol.hu, vol.affine_lps)
+    k0, k1 = box[0].start or 0, box[0].stop
+    affine = vol.affine_lps.copy()
+    affine[:, 3] = vol.affine_lps @ np.array([0.0, 0.0, k0, 1.0])
+    found = locator(np.ascontiguousarray(vol.hu[k0:k1]), affine)
+    for lm in found["landmarks"]:
+        lm["slice_index"] += k0
+        lm["expected_slice"] = round(lm["expected_slice"] + k0, 3)
+    return {**found, "num_slices": vol.hu.shape[0], "dst_slices": [k0, k0 + len(vol.hu[k0:k1])]}
+
+
 def score_ica(result: PathResult, models: Models, limits: Mapping[str, float]) -> None:
     from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES
 
@@ -236,7 +256,7 @@ def score_ica(result: PathResult, models: Models, limits: Mapping[str, float]) -
     with Timer(result.timings, "model_s2cac_ica"):
         calcium = segment_calcium("s2cac_ica", result, models, box)
     with Timer(result.timings, "model_dst"):
-        result.landmarks = models.get("dst_landmarks")(vol.hu, vol.affine_lps)
+        result.landmarks = locate_landmarks(models.get("dst_landmarks"), vol, box)
     with Timer(result.timings, "scoring"):
         try:
             mapping = map_segments(vol.hu, calcium, vol.affine_lps, result.landmarks, spacing=vol.scoring_spacing)

@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from deploy_app import quality
-from deploy_app.pipeline import PathResult, _to_source_grid, score_ica
+from deploy_app.pipeline import PathResult, _to_source_grid, locate_landmarks, score_ica
 from deploy_app.volume import build_volume, untilt
 from phantoms.chest import make_chest_case
 from phantoms.dicom_series import write_ct_series
@@ -84,6 +84,9 @@ def test_skull_base_box_holds_every_ica_lesion_and_the_ica_course(index):
         assert (course[:, axis] <= box[axis].stop - 1 - clearance).all()
     # tighter than the field of view in-plane: that is what the box is for
     assert (box[1].stop - box[1].start) * (box[2].stop - box[2].start) < 0.6 * case.grid.shape[1] * case.grid.shape[2]
+    # the DST reads the box's slices: every boundary landmark inside the scan lies among them
+    inside = [lm["slice_index"] for lm in case.truth["landmarks"] if lm["in_scan"]]
+    assert box[0].start == 0 and max(inside) <= box[0].stop - 1
 
 
 def test_skull_base_box_puts_its_anterior_margin_in_front_when_the_rows_run_front_to_back():
@@ -155,3 +158,21 @@ def test_ica_is_not_scored_when_the_landmarks_put_one_side_far_above_the_other(t
     assert not result.scored and result.labels is None
     reason = "Calcium could not be mapped to ICA segments: implausible landmarks: the left petrous-cavernous boundary"
     assert re.fullmatch(re.escape(reason) + r" lies \d\d mm above the right one \(.*\)", result.not_scored_reason)
+
+
+def test_the_dst_reads_the_regions_slices_and_its_slice_indices_come_back_on_the_whole_volume():
+    seen = {}
+
+    def locator(hu, affine):
+        seen.update(shape=hu.shape, affine=affine)
+        return {"num_slices": hu.shape[0], "landmarks": [{"name": "right_cervical_petrous", "slice_index": 3,
+                                                          "expected_slice": 3.25, "z_mm": 1.0}]}  # fmt: skip
+
+    affine = np.array([[0.5, 0, 0, -10.0], [0, 0.5, 0, -20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])
+    vol = SimpleNamespace(hu=np.zeros((40, 8, 8), dtype=np.int16), affine_lps=affine)
+    found = locate_landmarks(locator, vol, (slice(5, 25), slice(2, 6), slice(1, 7)))
+    assert seen["shape"] == (20, 8, 8)  # the region's slices, each with its whole field of view
+    np.testing.assert_allclose(seen["affine"][:, 3], [-10.0, -20.0, -30.0 + 5 * 2.0, 1.0])
+    assert found["landmarks"][0]["slice_index"] == 8 and found["landmarks"][0]["expected_slice"] == 8.25
+    assert found["num_slices"] == 40 and found["dst_slices"] == [5, 25]
+    assert locate_landmarks(locator, vol, None)["num_slices"] == 40 and seen["shape"] == (40, 8, 8)
