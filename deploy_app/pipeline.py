@@ -238,14 +238,14 @@ def locate_landmarks(locator, vol: Volume, box: tuple[slice, ...] | None) -> dic
     """
     if box is None:
         return locator(vol.hu, vol.affine_lps)
-    k0, k1 = box[0].start or 0, box[0].stop
+    k0, k1 = box[0].start, min(box[0].stop, vol.hu.shape[0])
     affine = vol.affine_lps.copy()
     affine[:, 3] = vol.affine_lps @ np.array([0.0, 0.0, k0, 1.0])
     found = locator(np.ascontiguousarray(vol.hu[k0:k1]), affine)
     for lm in found["landmarks"]:
         lm["slice_index"] += k0
         lm["expected_slice"] = round(lm["expected_slice"] + k0, 3)
-    return {**found, "num_slices": vol.hu.shape[0], "dst_slices": [k0, k0 + len(vol.hu[k0:k1])]}
+    return {**found, "num_slices": vol.hu.shape[0], "dst_slices": [k0, k1]}
 
 
 def score_ica(result: PathResult, models: Models, limits: Mapping[str, float]) -> None:
