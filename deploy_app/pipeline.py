@@ -130,10 +130,12 @@ def check(result: PathResult, limits: Mapping[str, float]) -> bool:
     if result.volume is not None:
         vol = result.volume
         facts = _header_facts(vol)
+        acquired = None
         if result.path == "ica" and 0 < vol.tilt_deg <= limits["ica_tilt_max_deg"]:
+            acquired = (vol.hu, vol.spacing_kji)
             vol = untilt(vol, limits["ica_tilt_max_deg"])
         result.scored_volume = vol
-        result.findings += quality.run_checks(result.path, vol.hu, vol.spacing_kji, facts, limits)
+        result.findings += quality.run_checks(result.path, vol.hu, vol.spacing_kji, facts, limits, acquired)
     ok, reason = quality.suitable(result.findings)
     if not ok:
         result.not_scored_reason = reason
