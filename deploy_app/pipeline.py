@@ -190,15 +190,21 @@ def _to_source_grid(labels: np.ndarray, scored: Volume, source: Volume) -> np.nd
     return out
 
 
+def _box_affine(affine_lps: np.ndarray, start_kji: tuple[int, int, int]) -> np.ndarray:
+    """The affine of a sub-volume whose first voxel is ``start_kji`` of the volume with ``affine_lps``."""
+    affine = affine_lps.copy()
+    affine[:, 3] = affine_lps @ np.array([start_kji[2], start_kji[1], start_kji[0], 1.0])
+    return affine
+
+
 def segment_calcium(name: str, result: PathResult, models: Models, box: tuple[slice, ...] | None) -> np.ndarray:
     """The calcium model on ``box`` of the scored volume (the whole volume when None); labels on the whole grid."""
     vol, model = result.scored_volume, models.get(name)
     result.sliding_window = model.sliding_window
     if box is None:
         return model(vol.hu, vol.affine_lps)
-    affine = vol.affine_lps.copy()
-    affine[:, 3] = vol.affine_lps @ np.array([box[2].start, box[1].start, box[0].start, 1.0])
     labels = np.zeros(vol.hu.shape, dtype=np.uint8)
+    affine = _box_affine(vol.affine_lps, (box[0].start, box[1].start, box[2].start))
     labels[box] = model(np.ascontiguousarray(vol.hu[box]), affine)
     return labels
 
@@ -241,13 +247,11 @@ def locate_landmarks(locator, vol: Volume, box: tuple[slice, ...] | None) -> dic
     if box is None:
         return locator(vol.hu, vol.affine_lps)
     k0, k1 = box[0].start, min(box[0].stop, vol.hu.shape[0])
-    affine = vol.affine_lps.copy()
-    affine[:, 3] = vol.affine_lps @ np.array([0.0, 0.0, k0, 1.0])
-    found = locator(np.ascontiguousarray(vol.hu[k0:k1]), affine)
+    found = locator(np.ascontiguousarray(vol.hu[k0:k1]), _box_affine(vol.affine_lps, (k0, 0, 0)))
     for lm in found["landmarks"]:
         lm["slice_index"] += k0
         lm["expected_slice"] = round(lm["expected_slice"] + k0, 3)
-    return {**found, "num_slices": vol.hu.shape[0], "dst_slices": [k0, k1]}
+    return {**found, "num_slices": vol.hu.shape[0]}
 
 
 def score_ica(result: PathResult, models: Models, limits: Mapping[str, float]) -> None:

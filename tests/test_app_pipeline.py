@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from deploy_app import quality
-from deploy_app.pipeline import PathResult, _to_source_grid, locate_landmarks, score_ica
+from deploy_app.pipeline import PathResult, _to_source_grid, locate_landmarks, score_ica, segment_calcium
 from deploy_app.volume import build_volume, untilt
 from phantoms.chest import make_chest_case
 from phantoms.dicom_series import write_ct_series
@@ -174,5 +174,24 @@ def test_the_dst_reads_the_regions_slices_and_its_slice_indices_come_back_on_the
     assert seen["shape"] == (20, 8, 8)  # the region's slices, each with its whole field of view
     np.testing.assert_allclose(seen["affine"][:, 3], [-10.0, -20.0, -30.0 + 5 * 2.0, 1.0])
     assert found["landmarks"][0]["slice_index"] == 8 and found["landmarks"][0]["expected_slice"] == 8.25
-    assert found["num_slices"] == 40 and found["dst_slices"] == [5, 25]
+    assert found["num_slices"] == 40
     assert locate_landmarks(locator, vol, None)["num_slices"] == 40 and seen["shape"] == (40, 8, 8)
+
+
+def test_the_calcium_model_reads_the_box_with_its_affine_and_its_labels_land_in_the_box():
+    seen = {}
+
+    def model(hu, affine):
+        seen.update(shape=hu.shape, affine=affine)
+        return np.ones(hu.shape, dtype=np.uint8)
+
+    model.sliding_window = {"roi_size": [16, 128, 128], "overlap": 0.25}
+    affine = np.array([[0.5, 0, 0, -10.0], [0, 0.5, 0, -20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])
+    vol = SimpleNamespace(hu=np.zeros((40, 8, 8), dtype=np.int16), affine_lps=affine)
+    result = PathResult(path="coronary", choice=None, volume=vol, scored_volume=vol)
+    box = (slice(5, 25), slice(2, 6), slice(1, 7))
+    labels = segment_calcium("s2cac_coronary", result, _Models(s2cac_coronary=model), box)
+    assert seen["shape"] == (20, 4, 6)
+    np.testing.assert_allclose(seen["affine"][:, 3], [-10.0 + 1 * 0.5, -20.0 + 2 * 0.5, -30.0 + 5 * 2.0, 1.0])
+    assert labels.shape == (40, 8, 8) and labels.sum() == 20 * 4 * 6 and labels[box].all()
+    assert result.sliding_window["overlap"] == 0.25
