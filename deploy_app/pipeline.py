@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundles.dst_ica_calcification.scripts.hemisphere import voxel_to_patient
 from bundles.dst_ica_calcification.scripts.segments import map_segments
 from bundles.s2cac_coronary_calcium.scripts import scoring
 from deploy_app import quality
@@ -193,7 +194,7 @@ def _to_source_grid(labels: np.ndarray, scored: Volume, source: Volume) -> np.nd
 def _box_affine(affine_lps: np.ndarray, start_kji: tuple[int, int, int]) -> np.ndarray:
     """The affine of a sub-volume whose first voxel is ``start_kji`` of the volume with ``affine_lps``."""
     affine = affine_lps.copy()
-    affine[:, 3] = affine_lps @ np.array([start_kji[2], start_kji[1], start_kji[0], 1.0])
+    affine[:3, 3] = voxel_to_patient(np.array([start_kji]), affine_lps)[0]
     return affine
 
 
