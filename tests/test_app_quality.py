@@ -249,12 +249,18 @@ def test_head_phantom_starting_at_the_canal_entry_is_cut_below(seed):
     assert not f.passed and "carotid canal entry cut" in f.detail
 
 
-@pytest.mark.xfail(strict=True, reason="known head contrast false alarm: 5 of 30 small head phantoms (seeds 11-40)")
-@pytest.mark.parametrize("seed", [16, 23])
-def test_untouched_head_known_contrast_false_alarm(seed):
-    """Thin bone (skull base, sinus walls) blurred to 250-350 HU reads as an enhanced vessel; see the report."""
+@pytest.mark.parametrize("seed", [16, 22, 23, 27, 32, 41])
+def test_thin_bone_around_sinuses_is_not_an_enhanced_vessel(seed):
+    """These untouched heads false-alarmed while the check ignored air and its head limit of bone border (it read
+    the chest's): the thin walls of the sinuses and skull-base plates blur to 250-350 HU, as an enhanced vessel
+    does, but their border is air or bone, which an enhanced vessel's is not."""
     case = head(seed)
-    assert q.check_contrast_head(case.arrays["image"], spacing(case), LIMITS).passed
+    image = case.arrays["image"]
+    f = q.check_contrast_head(image, spacing(case), LIMITS)
+    assert f.passed, f.detail
+    before = {**LIMITS, "head_vessel_max_air_border": 1.0, "head_marrow_bone_border": LIMITS["marrow_bone_border"]}
+    loose = q.check_contrast_head(image, spacing(case), before)
+    assert not loose.passed and "contrast-enhanced" in loose.detail
 
 
 def test_untouched_medium_head_passes_every_check():
@@ -278,15 +284,15 @@ def test_contrast_in_the_aorta_blocks(seed, size):
 
 
 @pytest.mark.parametrize("seed", [0, 4])
-def test_contrast_in_the_ica_is_flagged_and_blocks_when_configured(seed):
+def test_contrast_in_the_ica_blocks_and_is_advisory_when_configured(seed):
     case = head(seed)
     image = case.arrays["image"].astype(np.float32)
     image[ica_lumen(case, seed, "small")] += CONTRAST_HU
     f = q.check_contrast_head(image, spacing(case), LIMITS)
-    assert not f.passed and not f.blocking and "contrast-enhanced" in f.detail and "advisory" in f.detail
+    assert not f.passed and f.blocking and "contrast-enhanced" in f.detail
     assert 150 < f.value < 40 + CONTRAST_HU + 60
-    strict = q.check_contrast_head(image, spacing(case), {**LIMITS, "head_contrast_blocking": 1.0})
-    assert not strict.passed and strict.blocking
+    advisory = q.check_contrast_head(image, spacing(case), {**LIMITS, "head_contrast_blocking": 0.0})
+    assert not advisory.passed and not advisory.blocking and "advisory" in advisory.detail
 
 
 def _checked_as_the_app_does(image: np.ndarray, case, tmp_path) -> q.Finding:
@@ -301,8 +307,8 @@ def _checked_as_the_app_does(image: np.ndarray, case, tmp_path) -> q.Finding:
 
 def test_a_tilted_heads_contrast_is_judged_on_the_slices_as_acquired(tmp_path):
     """Resampling a tilted head to axial blurs bone edges into 150-600 HU regions that pass for a vessel (a false
-    alarm on 12 of 20 untouched heads tilted 20 deg); the acquired slices do not (2 of 20)."""
-    case = make_head_case(5, 1, "small", tilt_deg=20.0)
+    alarm on 1 of 20 untouched heads tilted 20 deg, this one); the acquired slices do not (0 of 20)."""
+    case = make_head_case(14, 1, "small", tilt_deg=20.0)
     f = _checked_as_the_app_does(case.arrays["image"], case, tmp_path)
     assert f.passed, f.detail
     files = sorted((tmp_path / "s").glob("*.dcm"))
