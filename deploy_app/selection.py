@@ -379,13 +379,15 @@ def acquisition_facts(ds: Dataset) -> dict[str, Any]:
     """Slice thickness (mm), kVp and kernel of a series as ``scoring.score_calcium`` takes them (None: unknown).
 
     A multi-valued ConvolutionKernel (Siemens writes e.g. ``Br38f\\3``) is judged by its first value, the name.
+    A thickness or kVp of 0 or below is no measurement (some exports write 0 for "unknown"): None, as if absent.
     """
     kernel = attribute(ds, "ConvolutionKernel")
     if isinstance(kernel, MultiValue | list | tuple):
         kernel = kernel[0] if len(kernel) else None
+    thickness, kvp = _float(attribute(ds, "SliceThickness")), _float(attribute(ds, "KVP"))
     return {
-        "thickness_mm": _float(attribute(ds, "SliceThickness")),
-        "kvp": _float(attribute(ds, "KVP")),
+        "thickness_mm": thickness if thickness is not None and thickness > 0 else None,
+        "kvp": kvp if kvp is not None and kvp > 0 else None,
         "kernel": str(kernel).strip() if kernel not in (None, "") else None,
     }
 

@@ -226,6 +226,24 @@ def test_phantom_chest_and_head_cases_select_themselves(chest_case, tmp_path, ru
         assert choice.standard == (scoring.acquisition_note(**facts) is None)
 
 
+def test_a_zero_thickness_or_kvp_is_not_recorded_and_the_series_still_goes_through_the_checks(study, rules):
+    """Some exports write 0 for an unknown SliceThickness or KVP: no measurement, so a fallback the checks can judge
+    (before, 0 reached the acquisition check, which raised, and the run ended with no reports)."""
+    from deploy_app import quality
+
+    uid = study.add("chest3", 5, {**CHEST, "SliceThickness": 0, "KVP": 0})
+    (ds, *_) = study.series[uid]
+    assert float(ds.SliceThickness) == 0 and float(ds.KVP) == 0
+    facts = acquisition_facts(ds)
+    assert facts == {"thickness_mm": None, "kvp": None, "kernel": "B35f"}
+    chosen = select_series(study.series, rules)["coronary"]
+    assert chosen.series_uid == uid and not chosen.standard
+    findings = quality.check_acquisition("coronary", facts["thickness_mm"], 3.0, facts["kvp"], facts["kernel"],
+                                         quality.load_limits())  # fmt: skip
+    assert [(f.passed, f.blocking) for f in findings] == [(True, True)]
+    assert "slice thickness not recorded" in findings[0].detail and "kVp not recorded" in findings[0].detail
+
+
 def test_multiframe_ct_headers_are_read_from_functional_groups(study, rules, tmp_path):
     uid = study.add("chest3", 5, CHEST)
     full = [pydicom.dcmread(p) for p in sorted((study.root / "chest3").iterdir())]
