@@ -107,7 +107,10 @@ def locate_models(folder: Path, manifest: Mapping[str, Mapping]) -> dict[str, Pa
         path = folder / name / MODEL_FILE
         if not path.is_file():
             raise ModelError(f"model {name!r} not found: expected {path} (run `make models`, or pass -m MODELS)")
-        digest = sha256(path)
+        try:
+            digest = sha256(path)
+        except OSError as e:  # unreadable: permissions, a failing mount
+            raise ModelError(f"cannot read model {path}: {e.strerror or e}") from None
         if digest != entry["sha256"]:
             raise ModelError(
                 f"model {path} has sha256 {digest[:12]}..., the app's manifest expects {entry['sha256'][:12]}...: "

@@ -96,6 +96,17 @@ def test_a_model_that_differs_from_the_manifest_is_refused_before_it_is_read(tmp
     assert reads == []
 
 
+def test_a_model_file_that_cannot_be_read_is_a_model_error(tmp_path):
+    """An I/O error while hashing (a failing mount; root ignores permissions, so /proc/self/mem stands in: a
+    regular file whose first read fails) is the one-line model error, not a traceback."""
+    folder = tmp_path / "models"
+    (folder / MODEL).mkdir(parents=True)
+    (folder / MODEL / MODEL_FILE).symlink_to("/proc/self/mem")
+    manifest = {MODEL: model_files.load_manifest()[MODEL]}
+    with pytest.raises(ModelError, match=r"cannot read model .*model\.ts: Input/output error"):
+        locate_models(folder, manifest)
+
+
 def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:
     def name(node: ast.AST) -> str:
         if isinstance(node, ast.Attribute):
