@@ -154,8 +154,11 @@ def _rescale(item: Dataset | None, where: str, series: str) -> tuple[float, floa
         return 1.0, 0.0
     if "ModalityLUTSequence" in item:
         raise VolumeError(f"{series}: {where} uses a Modality LUT instead of rescale slope/intercept (not supported)")
-    try:
-        slope, intercept = float(item.get("RescaleSlope", 1.0) or 1.0), float(item.get("RescaleIntercept", 0.0) or 0.0)
+    try:  # absent or empty: the identity; a recorded 0 stays 0 and is refused below
+        slope, intercept = (
+            float(default if item.get(key) in (None, "") else item.get(key))
+            for key, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0))
+        )
     except (TypeError, ValueError) as exc:
         raise VolumeError(f"{series}: {where} has an unreadable rescale slope or intercept") from exc
     if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:

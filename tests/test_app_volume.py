@@ -144,6 +144,17 @@ def test_rescale_is_applied_per_slice(series):
     np.testing.assert_array_equal(volume.hu[others], reference.hu[others])
 
 
+def test_a_rescale_slope_of_zero_is_refused_not_read_as_one(series):
+    series[4].RescaleSlope = "0"
+    with pytest.raises(VolumeError, match="rescale slope 0 and intercept .*, not HU"):
+        build_volume(series)
+    series[4].RescaleSlope = ""  # empty (absent) is the identity
+    series[4].RescaleIntercept = ""
+    volume = build_volume(series)
+    k = [ds.SOPInstanceUID for ds in volume.datasets].index(series[4].SOPInstanceUID)
+    np.testing.assert_array_equal(volume.hu[k], series[4].pixel_array.astype(np.float32))
+
+
 def test_position_jitter_within_tolerance_is_accepted(series):
     """0.005 mm of jitter (rounding in real exports) is regular: tolerance is max(1 % of 2 mm, 0.01 mm) = 0.02."""
     position = [float(v) for v in series[3].ImagePositionPatient]
