@@ -292,7 +292,8 @@ def run_path(path: str, choice: SeriesChoice | None, models: Models, limits: Map
     if ok:
         (score_coronary if path == "coronary" else score_ica)(result, models, limits)
     if result.scored:
-        logger.info("%s: total Agatston %.1f (%s)", path, result.score.total.agatston, result.score.risk_category)
+        category = f" (category {result.score.risk_category})" if path == "coronary" else ""
+        logger.info("%s: total Agatston %.1f%s", path, result.score.total.agatston, category)
     else:
         logger.warning("%s: not scored: %s", path, result.not_scored_reason)
     return result

@@ -11,6 +11,7 @@ from typing import Any
 
 from deploy_app import __version__
 from deploy_app.pipeline import NO_SERIES, PATHS, PathResult
+from deploy_app.segment_sets import get_segment_set
 from deploy_app.selection import acquisition_facts
 from deploy_app.study import Study
 
@@ -34,6 +35,16 @@ def series_facts(result: PathResult) -> dict[str, Any]:
     }
 
 
+def _scores(result: PathResult) -> dict[str, Any] | None:
+    """The scorer's numbers; its risk category only where one is defined (the coronary total), as in SR and PDF."""
+    if not result.scored:
+        return None
+    scores = result.score.as_dict()
+    if not get_segment_set(result.path).has_risk_category:
+        scores["risk_category"] = None
+    return scores
+
+
 def path_report(result: PathResult, models: list[dict[str, Any]]) -> dict[str, Any]:
     choice = result.choice
     out: dict[str, Any] = {
@@ -46,7 +57,7 @@ def path_report(result: PathResult, models: list[dict[str, Any]]) -> dict[str, A
         "quality": [f.as_dict() for f in result.findings],
         "scored": result.scored,
         "not_scored_reason": result.not_scored_reason,
-        "scores": result.score.as_dict() if result.scored else None,
+        "scores": _scores(result),
         "segment_set": result.path,  # the paths are named after their segment sets
         "models": models,
         "model_region_kji": result.roi,

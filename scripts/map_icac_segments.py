@@ -66,8 +66,7 @@ def format_table(mapping: SegmentMapping) -> str:
     )
     plane = mapping.plane
     lines += [
-        f"both sides: Agatston {total.agatston:.1f}, volume {total.volume_mm3:.1f} mm^3, mass {total.mass_mg:.2f} mg "
-        f"(risk category {mapping.score.risk_category})",
+        f"both sides: Agatston {total.agatston:.1f}, volume {total.volume_mm3:.1f} mm^3, mass {total.mass_mg:.2f} mg",
         f"boundary slices (b1 / b2 / b3): {place}",
         "mid-sagittal plane: point ("
         + ", ".join(f"{v:.1f}" for v in plane.point_mm)

@@ -76,6 +76,8 @@ def test_module_run_writes_every_object_and_prints_the_scores(app_run):
         report["paths"]["ica"]["series"]["series_uid"],
     }
     assert {m["name"] for m in report["paths"]["ica"]["models"]} == {"s2cac_ica", "dst_landmarks"}
+    assert report["paths"]["coronary"]["scores"]["risk_category"] in ("0", "I", "II", "III", "IV")
+    assert report["paths"]["ica"]["scores"]["risk_category"] is None  # defined for the coronary total only
     overlap = CPU_SW_OVERLAP if default_device().type == "cpu" else 0.5  # the bundles' own on a GPU
     assert report["paths"]["coronary"]["sliding_window"] == {"roi_size": [16, 160, 160], "overlap": overlap}
     assert report["paths"]["ica"]["sliding_window"] == {"roi_size": [16, 128, 128], "overlap": overlap}
