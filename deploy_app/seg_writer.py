@@ -49,7 +49,7 @@ def seg_uids(source_series_uid: str, segment_set: str, algorithm: Algorithm) -> 
     return series, derive_uid(series, "instance", "1")
 
 
-def _description(spec: SegmentSpec, algorithm: Algorithm) -> hd.seg.SegmentDescription:
+def _description(spec: SegmentSpec, algorithm: Algorithm, sop_instance_uid: str) -> hd.seg.SegmentDescription:
     desc = hd.seg.SegmentDescription(
         segment_number=spec.number,
         segment_label=spec.label,
@@ -59,7 +59,8 @@ def _description(spec: SegmentSpec, algorithm: Algorithm) -> hd.seg.SegmentDescr
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=algorithm.name, family=codes.DCM.ArtificialIntelligence, version=algorithm.version
         ),
-        tracking_uid=derive_uid("segment", spec.name, spec.artery.value),
+        # this SEG's finding (the SR's measurement group for the segment carries the same UID), not a global one
+        tracking_uid=derive_uid(sop_instance_uid, "segment", str(spec.number)),
         tracking_id=spec.label,
         anatomic_regions=[spec.artery],
         primary_anatomic_structures=[spec.artery_segment] if spec.artery_segment is not None else None,
@@ -121,14 +122,15 @@ def build_seg(
         first, last = _slab(labels)
         images, labels = source_datasets[first : last + 1], labels[first : last + 1]
     uses_private = any(spec.artery_segment is not None for spec in seg_set.segments)
+    sop_instance_uid = derive_uid(series_uid, "instance", "1")
     seg = hd.seg.Segmentation(
         source_images=images,
         pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_description(spec, algorithm) for spec in seg_set.segments],
+        segment_descriptions=[_description(spec, algorithm, sop_instance_uid) for spec in seg_set.segments],
         series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=derive_uid(series_uid, "instance", "1"),
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=algorithm.name,

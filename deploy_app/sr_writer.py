@@ -76,6 +76,8 @@ def _check_seg(seg: Dataset, seg_set: SegmentSet, source: Dataset) -> None:
     expected = {s.number: s.label for s in seg_set.segments}
     if described != expected:
         raise ValueError(f"the SEG's segments {described} are not the {seg_set.name} set {expected}")
+    if any("TrackingUID" not in item for item in seg.SegmentSequence):
+        raise ValueError("the SEG's segments carry no TrackingUID for the SR's measurement groups to share")
 
 
 def _measurements(values: Mapping[str, Any], seg_set: SegmentSet) -> list[hd.sr.Measurement]:
@@ -93,10 +95,9 @@ def _segment_group(
     spec: SegmentSpec, values: Mapping[str, Any], seg: Dataset, seg_set: SegmentSet, algorithm: Algorithm
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     site = hd.sr.FindingSite(spec.artery, laterality=spec.laterality, topographical_modifier=spec.artery_segment)
+    (segment,) = [item for item in seg.SegmentSequence if item.SegmentNumber == spec.number]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derive_uid(seg.SOPInstanceUID, "segment", str(spec.number)), identifier=spec.label
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=spec.label),
         referenced_segment=hd.sr.ReferencedSegment(
             seg.SOPClassUID,
             seg.SOPInstanceUID,

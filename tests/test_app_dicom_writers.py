@@ -239,6 +239,9 @@ def test_sr_is_valid_and_its_numbers_are_the_scorers(chest_outputs, tmp_path):
         assert int(sop.ReferencedSegmentNumber) == spec.number
         series = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121232"]
         assert [i.UID for i in series] == [seg.ReferencedSeriesSequence[0].SeriesInstanceUID]  # source series
+        # one finding, one tracking UID: the SR's group and the SEG's segment carry the same
+        tracking = [i.UID for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112040"]
+        assert tracking == [seg.SegmentSequence[spec.number - 1].TrackingUID]
     total = groups["Total coronary calcium"]
     assert numbers(total)["450360000"][0] == pytest.approx(scores.total.agatston, rel=1e-9)
     assert codes_of(total)["CAC-RISK"] == f"CAC-RISK-{scores.risk_category}"
@@ -316,6 +319,8 @@ def test_rerun_writes_the_same_uids_and_bytes_and_a_new_version_new_uids(chest, 
     newer = Algorithm("CalciMap S2CAC", "99.0.0")
     seg3 = write_seg(datasets, labels, "coronary", tmp_path / "seg3.dcm", algorithm=newer)
     assert seg3.SeriesInstanceUID != seg.SeriesInstanceUID and seg3.SOPInstanceUID != seg.SOPInstanceUID
+    tracking = [{item.TrackingUID for item in s.SegmentSequence} for s in (seg, seg3)]
+    assert len(tracking[0]) == 4 and not tracking[0] & tracking[1]  # a finding of this SEG, not of every SEG
 
 
 def test_ica_seg_and_sr_carry_laterality_and_segments(head, tmp_path):
