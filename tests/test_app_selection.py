@@ -335,6 +335,23 @@ def test_conditions_match_the_sdk_matcher_on_the_same_series(study):
     assert sum(0 < len(o) < len(study.series) for o in ours_by_condition) >= 15  # the conditions discriminate
 
 
+@pytest.mark.parametrize("path", ["coronary", "ica"])
+def test_contrast_agent_entries_that_say_none_do_not_exclude_a_series(rules, path):
+    """ContrastBolusAgent as scanners and technologists fill it: the ones that say no agent was given pass."""
+    (selection,) = [sel for sel in rules["selections"] if sel["name"] == path]
+    (item,) = [item for item in selection["exclude"] if item["label"] == "contrast-enhanced"]
+    (agent,) = [cond for cond in item["any"] if "ContrastBolusAgent" in cond]
+    for none in ("NONE", "None given", "no", "NO CONTRAST", "No contrast agent", "N/A", "nil", "-", "0", "Nativ",
+                 "non-contrast", "Without contrast", "unenhanced"):  # fmt: skip
+        ds = pydicom.Dataset()
+        ds.ContrastBolusAgent = none
+        assert check_conditions(ds, agent) != [], f"{none!r} read as an agent"
+    for given in ("Iohexol 350", "APPLIED", "Omnipaque", "YES", "IV contrast", "Contrast 80 ml", "oral"):
+        ds = pydicom.Dataset()
+        ds.ContrastBolusAgent = given
+        assert check_conditions(ds, agent) == [], f"{given!r} not read as an agent"
+
+
 def test_documented_differences_from_the_sdk_matcher(study):
     uid = study.add("chest3", 1, CHEST)
     ds = study.series[uid][0]
