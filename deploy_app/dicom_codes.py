@@ -73,9 +73,9 @@ AGATSTON_EQUIVALENT = private("AGATSTON-EQUIV", "Agatston-equivalent score (non-
 YES = codes.SCT.Yes  # SCT 373066001
 NO = codes.SCT.No  # SCT 373067005
 
-# Quality checks before scoring (deploy_app/quality.py): each finding is a coded evaluation in the SR, concept
-# QUALITY_CHECK with the check's code as modifier and QUALITY_PASSED / QUALITY_FAILED as value.
-QUALITY_CHECK = private("QC", "Quality check before calcium scoring")
+# Quality checks before scoring (deploy_app/quality.py): each finding is a coded evaluation in the SR's total group,
+# the check's code as concept and QUALITY_PASSED / QUALITY_FAILED as value (sr_writer._quality_evaluations). An SR
+# is written for a scored path only; an unscored one's reasons are in the PDF and results.json.
 QUALITY_FINDINGS = {
     "acquisition": private("QC-ACQUISITION", "Acquisition within calcium score definition"),
     "tilt": private("QC-TILT", "Gantry tilt within limit"),
@@ -85,4 +85,3 @@ QUALITY_FINDINGS = {
 }
 QUALITY_PASSED = private("QC-PASSED", "Quality check passed")
 QUALITY_FAILED = private("QC-FAILED", "Quality check failed")
-NOT_SCORED = private("QC-NOT-SCORED", "Not scored: series unsuitable for calcium scoring")

@@ -5,7 +5,9 @@ overlay); per study the PDF report (as a file and as DICOM Encapsulated PDF) and
 are first written into a hidden staging folder inside the output folder; only when every one of them is complete
 are they moved into place (a rename each), so a failure leaves no partial object behind, and a re-run replaces the
 previous run's files (fixed names, deterministic UIDs) instead of adding to them. Output files of an earlier run
-that this run does not produce (a path no longer scored, a Secondary Capture series not asked for) are removed.
+that this run does not produce (a path no longer scored, a Secondary Capture series not asked for) are removed,
+after the new ones are in place, and so is the staging folder of an earlier run that was killed before it could
+clean up (its name carries the process id: a folder of a process still running is left alone).
 """
 
 from __future__ import annotations
@@ -103,6 +105,26 @@ def _write_all(
     (stage / "results.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
 
 
+STAGING_PREFIX = ".calcimap-partial-"
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of runs that were killed (SIGKILL, out of memory) before their ``finally`` ran."""
+    for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
+        pid_text = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        pid = int(pid_text) if pid_text.isdigit() else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # that process is alive: perhaps another run writing here
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, under another user
+        logger.info("removing %s, left by a run that did not finish", folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _ours(name: str) -> bool:
     """A file name this app writes into an output folder."""
     return name in OUTPUT_NAMES or SC_FILE_PATTERN.match(name) is not None
@@ -121,17 +143,18 @@ def write_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".calcimap-partial-", dir=out_dir))
+    _remove_stale_staging(out_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
     try:
         _write_all(stage, study, results, report, secondary_capture)
         # results.json was written before the writers' timings were complete: write it again with them.
         (stage / "results.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
         written = sorted(p.name for p in stage.iterdir())
+        for name in written:
+            os.replace(stage / name, out_dir / name)
         for old in out_dir.iterdir():
             if _ours(old.name) and old.name not in written:
                 old.unlink(missing_ok=True)
-        for name in written:
-            os.replace(stage / name, out_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     paths = [out_dir / name for name in written]

@@ -191,6 +191,24 @@ def test_outputs_without_secondary_capture_remove_an_earlier_runs_series(scored_
     assert not list(tmp_path.glob("*_sc_*.dcm")) and (tmp_path / "ica_seg.dcm").exists()
 
 
+def test_outputs_remove_the_staging_folder_of_a_killed_run_but_not_of_a_live_one(scored_study, tmp_path):
+    """A run killed mid-write (SIGKILL, out of memory) never reaches its cleanup; the next run in the folder does it."""
+    import subprocess
+    import sys
+
+    from deploy_app.outputs import STAGING_PREFIX
+
+    study, results, report, _ = scored_study
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f"{STAGING_PREFIX}{int(dead.stdout)}-abcd1234"
+    killed.mkdir()
+    (killed / "coronary_seg.dcm").write_bytes(b"half a file")
+    live = tmp_path / f"{STAGING_PREFIX}1-efgh5678"  # pid 1 runs as long as the machine
+    live.mkdir()
+    written = write_outputs(tmp_path, study, results, report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, *(p.name for p in written)])
+
+
 def _codes_deep(item: pydicom.Dataset, concept: str) -> list[str]:
     found = []
     for child in getattr(item, "ContentSequence", []):
