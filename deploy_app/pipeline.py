@@ -26,7 +26,7 @@ from deploy_app.inference import CalciumSegmenter, LandmarkLocator
 from deploy_app.models import MODELS
 from deploy_app.selection import SeriesChoice, acquisition_facts, load_rules, select_series
 from deploy_app.study import Study
-from deploy_app.volume import Volume, VolumeError, build_volume, untilt
+from deploy_app.volume import Volume, VolumeError, build_volume, superior_up, untilt
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class PathResult:
     path: str
     choice: SeriesChoice
     volume: Volume | None = None  # None when the series could not be built into a volume
-    scored_volume: Volume | None = None  # the grid the models and the scorer saw (untilted for a tilted head)
+    scored_volume: Volume | None = None  # the grid the models and the scorer saw (untilted, feet to head)
     findings: list[quality.Finding] = field(default_factory=list)
     not_scored_reason: str | None = None
     labels: np.ndarray | None = None  # segment numbers on the source volume's grid (for the SEG)
@@ -133,8 +133,9 @@ def check(result: PathResult, limits: Mapping[str, float]) -> bool:
         facts = _header_facts(vol)
         acquired = None
         if result.path == "ica" and 0 < vol.tilt_deg <= limits["ica_tilt_max_deg"]:
-            acquired = (vol.hu, vol.spacing_kji)
+            acquired = (vol.hu, vol.spacing_kji)  # the head contrast check does not depend on the slice order
             vol = untilt(vol, limits["ica_tilt_max_deg"])
+        vol = superior_up(vol)
         result.scored_volume = vol
         result.findings += quality.run_checks(result.path, vol.hu, vol.spacing_kji, facts, limits, acquired)
     ok, reason = quality.suitable(result.findings)
@@ -165,7 +166,7 @@ def _score(
 
 
 def _to_source_grid(labels: np.ndarray, scored: Volume, source: Volume) -> np.ndarray:
-    """Labels of an untilted grid, nearest-neighbour on the source (tilted) grid, for the SEG.
+    """Labels of the scored grid (untilted, slices feet to head), nearest-neighbour on the source grid, for the SEG.
 
     Only the source voxels whose position can fall in the labelled box of the scored grid are looked up (a full
     grid of coordinates would take gigabytes for a 512 x 512 x 160 head).

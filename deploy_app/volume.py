@@ -15,7 +15,9 @@ centre; its k column is the real step between slice origins (the table feed), wh
 is not parallel to ``n`` (a sheared affine), exactly as ``phantoms.geometry.Grid`` describes it.
 ``increment_mm`` is the distance between slice planes along ``n`` (table feed x cos(tilt)), the spacing the
 scorer's voxel volume and Agatston increment factor need. :func:`untilt` resamples a tilted volume onto an
-orthogonal grid.
+orthogonal grid; :func:`superior_up` reverses the slices of a series whose normal points to the feet (e.g. an
+orientation of 1\\0\\0\\0\\-1\\0), for the quality checks and regions of interest, which read k = 0 as the
+inferior end.
 """
 
 from __future__ import annotations
@@ -552,6 +554,24 @@ def untilt(volume: Volume, max_tilt_deg: float = 30.0) -> Volume:
         series, volume.tilt_deg, n_k, out_j, out_i,
     )  # fmt: skip
     return replace(volume, hu=hu, affine_lps=affine, tilt_deg=0.0)
+
+
+def superior_up(volume: Volume) -> Volume:
+    """``volume`` with its slices running from the feet to the head: itself when they already do, else the slices
+    (and datasets) reversed, with the affine that keeps every voxel at its LPS position.
+
+    Checks and regions of interest that look for the heart's apex or the skull base below read k = 0 as the
+    inferior end; a series whose slice normal points to the feet (row x column cosine with negative z) comes out
+    of :func:`build_volume` superior end first.
+    """
+    if volume.affine_lps[2, 2] >= 0:
+        return volume
+    n_k = volume.hu.shape[0]
+    affine = volume.affine_lps.copy()
+    affine[:3, 3] = volume.affine_lps[:3, 3] + (n_k - 1) * volume.affine_lps[:3, 2]
+    affine[:3, 2] = -volume.affine_lps[:3, 2]
+    hu = np.ascontiguousarray(volume.hu[::-1])
+    return replace(volume, hu=hu, affine_lps=affine, datasets=tuple(reversed(volume.datasets)))
 
 
 def read_volume(paths: Sequence[str]) -> Volume:

@@ -12,8 +12,8 @@ import pytest
 from scipy import ndimage
 
 from deploy_app import quality
-from deploy_app.pipeline import PathResult, _to_source_grid, locate_landmarks, score_ica, segment_calcium
-from deploy_app.volume import build_volume, untilt
+from deploy_app.pipeline import PathResult, _to_source_grid, check, locate_landmarks, score_ica, segment_calcium
+from deploy_app.volume import build_volume, superior_up, untilt
 from phantoms.chest import make_chest_case
 from phantoms.dicom_series import write_ct_series
 from phantoms.head import make_head_case
@@ -44,6 +44,49 @@ def test_labels_found_on_the_untilted_grid_come_back_onto_the_tilted_source_slic
     assert back.shape == truth.shape
     overlap = (back & truth).sum() / truth.sum()
     assert overlap >= 0.9 and (back & ~truth.astype(bool)).sum() <= 0.1 * truth.sum()
+
+
+def _stored_bottom_up(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The same anatomy with each image's rows stored bottom-up: orientation 1\\0\\0\\0\\-1\\0, whose slice
+    normal (row x column cosine) points to the feet, so the volume comes out superior end first."""
+    out = []
+    for ds in datasets:
+        ds = ds.copy()
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ipp[1] += (int(ds.Rows) - 1) * float(ds.PixelSpacing[0])
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = ipp, [1, 0, 0, 0, -1, 0]
+        out.append(ds)
+    return out
+
+
+def test_a_series_whose_normal_points_to_the_feet_is_checked_feet_to_head_and_its_labels_go_back(tmp_path):
+    case = make_head_case(0, 1, "small")
+    files = write_ct_series(case.arrays["image"].astype(np.int16), case.grid, tmp_path / "s", study_uid="1.2.3.4",
+                            series_uid="1.2.3.4.5", series_number=1)  # fmt: skip
+    datasets = [pydicom.dcmread(f) for f in files]
+    usual, bottom_up = build_volume(datasets), build_volume(_stored_bottom_up(datasets))
+    assert usual.affine_lps[2, 2] > 0 > bottom_up.affine_lps[2, 2]  # k = 0 is the top slice of the second
+    up = superior_up(bottom_up)
+    assert superior_up(usual) is usual
+    np.testing.assert_array_equal(up.hu, usual.hu[:, ::-1, :])  # same voxels, rows still stored bottom-up
+    for kji in ([0, 0, 0], [3, 10, 20], [usual.hu.shape[0] - 1, 5, 7]):
+        k, j, i = kji
+        at = (up.affine_lps @ [i, usual.hu.shape[1] - 1 - j, k, 1])[:3]
+        np.testing.assert_allclose(at, (usual.affine_lps @ [i, j, k, 1])[:3], atol=1e-4)
+
+    findings = {}
+    for name, vol in (("usual", usual), ("bottom up", bottom_up)):
+        result = PathResult(path="ica", choice=None, volume=vol)
+        assert check(result, LIMITS), result.not_scored_reason
+        assert result.scored_volume.affine_lps[2, 2] > 0
+        findings[name] = [(f.check, f.passed, f.detail) for f in result.findings if f.check != "acquisition"]
+    assert findings["bottom up"] == findings["usual"]  # coverage below / above the petrous bone not swapped
+
+    labels = np.zeros(up.hu.shape, dtype=np.uint8)
+    labels[2, 30, 40] = 5
+    back = _to_source_grid(labels, up, bottom_up)
+    assert np.argwhere(back).tolist() == [[bottom_up.hu.shape[0] - 1 - 2, 30, 40]] and back.max() == 5
 
 
 @pytest.mark.parametrize("index", [0, 1, 4])
