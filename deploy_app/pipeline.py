@@ -37,6 +37,14 @@ NO_SERIES = {
 }
 
 
+# The volume builder and the checks read Enhanced / Legacy Converted multi-frame CT; the SEG, SR and Secondary
+# Capture writers reference single-frame source images only (slices, not frames of one object).
+MULTI_FRAME_NOT_SCORED = (
+    "the series is one multi-frame (Enhanced) CT object: it was read and passed the checks, but this version "
+    "writes SEG and SR for single-frame CT series only. Export the series as single-frame CT images."
+)
+
+
 @dataclass
 class PathResult:
     """What one path (coronary or ICA) found for the study; ``labels`` are on ``volume``'s grid."""
@@ -289,6 +297,9 @@ def run_path(path: str, choice: SeriesChoice | None, models: Models, limits: Map
     missing = models.available(path)
     if ok and missing:
         result.not_scored_reason = f"model(s) {', '.join(missing)} not installed"
+        ok = False
+    if ok and len(result.volume.datasets) == 1 and int(result.volume.datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        result.not_scored_reason = MULTI_FRAME_NOT_SCORED
         ok = False
     if ok:
         (score_coronary if path == "coronary" else score_ica)(result, models, limits)

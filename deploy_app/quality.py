@@ -769,4 +769,4 @@ def suitable(findings: Iterable[Finding]) -> tuple[bool, str | None]:
     failed = [f for f in findings if f.blocking and not f.passed]
     if not failed:
         return True, None
-    return False, "Not scored: " + " ".join(f"{f.check}: {f.detail}." for f in failed)
+    return False, " ".join(f"{f.check}: {f.detail}." for f in failed)

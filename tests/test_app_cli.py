@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from make_study import make_study
 from test_app_dicom_writers import dciodvfy, pixelmed_validate, read_back_with_dcmqi, tool
+from test_app_pdf import pdf_text
 
 from bundles.dst_ica_calcification.scripts.segments import LABEL_NAMES as ICA_LABEL_NAMES
 from bundles.s2cac_coronary_calcium.scripts import scoring
@@ -287,6 +288,30 @@ def test_missing_slice_is_not_scored_and_the_reports_say_why(study, tmp_path):
     coronary = report["paths"]["coronary"]
     assert not coronary["scored"] and "missing slice" in coronary["not_scored_reason"]
     assert sorted(p.name for p in out.iterdir()) == ["report.pdf", "report_pdf.dcm", "results.json"]
+
+
+def test_a_multi_frame_series_is_read_and_checked_and_the_reports_say_why_it_is_not_scored(study, tmp_path):
+    """Enhanced / Legacy Converted multi-frame CT: read and checked, but the writers take single-frame series."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    from deploy_app.dicom_output import derive_uid
+
+    chest = [pydicom.dcmread(p) for p in sorted(next((study / "dicom").glob("chest_*")).iterdir())]
+    uid = chest[0].SeriesInstanceUID
+    mf = LegacyConvertedEnhancedCTImage(chest, series_instance_uid=derive_uid(uid, "mf"), series_number=7,
+                                        sop_instance_uid=derive_uid(uid, "mf", "1"), instance_number=1)  # fmt: skip
+    folder = tmp_path / "study"
+    folder.mkdir()
+    mf.save_as(folder / "enhanced.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    r = run_app("-i", str(folder), "-o", str(out), "-l", "WARNING")
+    assert_one_line_error(r, "not_scored", "no series could be scored")
+    coronary = results(out)["paths"]["coronary"]
+    assert not coronary["scored"] and "multi-frame (Enhanced) CT" in coronary["not_scored_reason"]
+    assert all(f["passed"] for f in coronary["quality"]), coronary["quality"]  # it was read and checked
+    assert sorted(p.name for p in out.iterdir()) == ["report.pdf", "report_pdf.dcm", "results.json"]
+    text = " ".join(" ".join(pdf_text((out / "report.pdf").read_bytes())).split())
+    assert text.count("Not scored:") == 1 and "Not scored: the series is one multi-frame" in text
 
 
 def test_tilted_head_is_resampled_scored_and_its_seg_lies_on_the_source_slices(tmp_path):

@@ -150,7 +150,7 @@ def test_acquisition_outside_the_score_definition_blocks(thickness, increment, k
     findings = q.check_acquisition("ica", thickness, increment, kvp, "H30s", LIMITS)
     assert [f.passed for f in findings] == [False] and findings[0].blocking
     assert words in findings[0].detail
-    assert q.suitable(findings) == (False, f"Not scored: acquisition: {findings[0].detail}.")
+    assert q.suitable(findings) == (False, f"acquisition: {findings[0].detail}.")
 
 
 def test_overlapping_multi_valued_kernel_of_the_real_ct_is_agatston_equivalent():
@@ -193,7 +193,7 @@ def test_tilted_chest_phantom_is_not_scored():
 def test_geometry_error_blocks_with_its_message():
     f = q.check_geometry_error("slice 12 of 40 is missing (gap of 6 mm where 3 mm was expected)")
     assert (f.check, f.passed, f.blocking) == ("geometry", False, True)
-    assert q.suitable([f])[1] == f"Not scored: geometry: {f.detail}."
+    assert q.suitable([f])[1] == f"geometry: {f.detail}."
     assert "slice 12 of 40 is missing" in f.detail
     assert f.as_dict() == {"check": "geometry", "passed": False, "blocking": True, "detail": f.detail, "value": None}
 
