@@ -62,6 +62,16 @@ SELECTION_NAMES = ("coronary", "ica")
 RELATIONS = (">", ">=", "<", "<=", "!=")
 ORIENTATIONS = ("Sagittal", "Coronal", "Axial")  # main axis of the slice normal: x, y, z
 _SELECTION_KEYS = {"name", "description", "conditions", "region", "exclude", "standard", "prefer"}
+_REGION_KEYS, _EXCLUDE_KEYS = {"label", "first_present"}, {"label", "any"}
+_PREFER_KINDS = ("closest_to", "soft_kernel", "matches")  # one per criterion
+_PREFER_KEYS = {"attribute", "label", "unit", *_PREFER_KINDS}
+
+
+def _check_keys(item: dict, allowed: set[str], where: str) -> None:
+    """Unknown keys would be ignored in silence (a typo, or a key that belongs to another kind of item)."""
+    unknown = set(item) - allowed
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,7 @@ def _check_selection(sel: Any, index: int) -> None:
     if region is not None:
         if not isinstance(region, dict) or not isinstance(region.get("label"), str):
             raise ValueError(f"{where} region must be an object with a label and first_present")
+        _check_keys(region, _REGION_KEYS, f"{where} region")
         items = region.get("first_present")
         if not isinstance(items, list) or not items:
             raise ValueError(f"{where} region.first_present must be a non-empty list of conditions")
@@ -151,6 +162,7 @@ def _check_selection(sel: Any, index: int) -> None:
             or not isinstance(item.get("any"), list)
         ):
             raise ValueError(f"{where} exclude items must be objects with a label and an 'any' list of conditions")
+        _check_keys(item, _EXCLUDE_KEYS, f"{where} exclude {item['label']!r}")
         for cond in item["any"]:
             _check_conditions(cond, f"{where} exclude {item['label']!r}")
     _check_standard(sel.get("standard"), where)
@@ -160,6 +172,10 @@ def _check_selection(sel: Any, index: int) -> None:
     for item in prefer:
         if not isinstance(item, dict) or not isinstance(item.get("attribute"), str):
             raise ValueError(f"{where} prefer items must be objects with an attribute, not {item!r}")
+        _check_keys(item, _PREFER_KEYS, f"{where} prefer {item['attribute']}")
+        kinds = [kind for kind in _PREFER_KINDS if kind in item]
+        if len(kinds) > 1:
+            raise ValueError(f"{where} prefer {item['attribute']}: one of {list(_PREFER_KINDS)} per item, not {kinds}")
         if "closest_to" in item:
             targets = item["closest_to"]
             if not isinstance(targets, list) or not targets or not all(_is_number(t) for t in targets):

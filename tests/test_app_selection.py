@@ -408,6 +408,11 @@ _DELETE = object()
         (["selections", 0, "standard", "slice_thickness_mm"], [2.0, 3.0], "defined once, in bundles/"),
         (["selections", 0, "prefer", 0, "closest_to"], ["three"], "closest_to must be a list of numbers"),
         (["selections", 0, "prefer", 0], {"attribute": "KVP"}, "give closest_to, matches or soft_kernel"),
+        # keys inside items, which were accepted and ignored
+        (["selections", 0, "region", "fallback"], "chest", "region has unknown keys ['fallback']"),
+        (["selections", 0, "exclude", 0, "all"], [{"Modality": "CT"}], "unknown keys ['all']"),
+        (["selections", 0, "prefer", 0, "unit_"], "mm", "unknown keys ['unit_']"),
+        (["selections", 0, "prefer", 0, "matches"], "(?i)x", "one of ['closest_to', 'soft_kernel', 'matches']"),
     ],
 )
 def test_bad_rules_raise_value_error(rules, tmp_path, path, value, message):
