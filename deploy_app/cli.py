@@ -168,11 +168,12 @@ def preflight(args: argparse.Namespace) -> dict:
         files = model_files.locate_models(model_files.model_dir(args.model), manifest)
     except model_files.ModelError as e:
         raise CliError("model", str(e)) from None
+    device = _device(args.device)  # before the output folder is made: a refused run creates nothing
     _check_output(output_folder)
     return {
         "input_folder": input_folder,
         "output_folder": output_folder,
-        "models": Models(files, _device(args.device), roi=not args.no_roi, sw_overlap=args.sw_overlap),
+        "models": Models(files, device, roi=not args.no_roi, sw_overlap=args.sw_overlap),
         "manifest": manifest,
         "rules": rules,
         "limits": limits,

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from bundles.s2cac_coronary_calcium.scripts.scoring import acquisition_note
+from deploy_app.volume import NO_TILT_DEG
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ def check_tilt(path: str, tilt_deg: float | None, limits: Mapping[str, float]) -
         return Finding(
             "tilt", False, True, f"gantry tilt {tilt:g} deg is above {limit:g} deg, the most that is resampled", tilt
         )
-    action = "; resampled to axial before scoring" if size > limits["coronary_tilt_max_deg"] else ""
+    action = "; resampled to axial before scoring" if size >= NO_TILT_DEG else ""  # as pipeline.check does
     return Finding("tilt", True, True, f"gantry tilt {tilt:g} deg (at most {limit:g} deg){action}", tilt)
 
 

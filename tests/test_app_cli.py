@@ -268,6 +268,17 @@ def test_missing_or_altered_models_are_refused(study, tmp_path):
     assert_one_line_error(r, "model", "dst_landmarks", out)
 
 
+def test_cuda_asked_for_without_a_gpu_is_refused_before_the_output_folder_is_made(study, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: --device cuda is valid here")
+    out = tmp_path / "out"
+    r = run_app("-i", str(study / "dicom"), "-o", str(out), "--device", "cuda")
+    assert_one_line_error(r, "input", "no CUDA GPU is available")
+    assert not out.exists()
+
+
 def test_unwritable_output_folder_is_reported(study, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -181,6 +181,8 @@ def test_tilt_limits_per_path(path, tilt, passed):
 
 def test_tilted_head_passes_and_says_it_is_resampled():
     assert "resampled to axial" in q.check_tilt("ica", 20.0, LIMITS).detail
+    assert "resampled to axial" in q.check_tilt("ica", 0.3, LIMITS).detail  # the pipeline resamples from 0.01 deg
+    assert "resampled" not in q.check_tilt("ica", 0.0, LIMITS).detail
 
 
 def test_tilted_chest_phantom_is_not_scored():
