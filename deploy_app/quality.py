@@ -577,7 +577,8 @@ def check_contrast_head(hu: np.ndarray, spacing_kji: Sequence[float], limits: Ma
     """Contrast in the head: an enhanced vessel (ICA lumen outside the carotid canal, or a sinus).
 
     The unenhanced ICA lumen (40 HU in 40 HU soft tissue) cannot be told apart by HU, so the check looks
-    for what contrast makes: 150-600 HU regions at least head_bone_margin_mm from bone, of at least
+    for what contrast makes, on a grid of at most 1 mm pixels whatever working_pixel_mm says (a 4-5 mm
+    lumen needs them): 150-600 HU regions at least head_bone_margin_mm from bone, of at least
     200 mm3 and 15 mm along the body axis, whose in-plane border is neither bone (skull-base plates, the
     clivus) nor air (the thin bony walls of sinuses and air cells, blurred to 250-350 HU). Blocking unless
     ``head_contrast_blocking`` is 0 (then the finding is reported and the series is still scored).
