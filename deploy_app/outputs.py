@@ -101,7 +101,6 @@ def _write_all(
             title=REPORT_TITLE,
             algorithm=APP_ALGORITHM,
             referenced_series=[(r.choice.series_uid, r.choice.datasets) for r in used],
-            models=[f"{m['name']} {m['version']}" for p in report["paths"].values() if p for m in p["models"]],
         )
     (stage / "results.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
 

@@ -41,10 +41,9 @@ def _module_attributes(module: str) -> tuple[tuple[str, str], ...]:
     return tuple((a["keyword"], a["type"]) for a in get_module_attribute_map()[module] if not a["path"])
 
 
-def pdf_uids(study_uid: str, algorithm: Algorithm, models: Sequence[str] = ()) -> tuple[str, str]:
-    """(series UID, SOP instance UID) of the report: fixed by the study, the app that made it and the models whose
-    results it reports (``models``: e.g. "s2cac_coronary 0.3.1", in any order)."""
-    series = derive_uid(study_uid, algorithm.name, algorithm.version, *sorted(models), "pdf")
+def pdf_uids(study_uid: str, algorithm: Algorithm) -> tuple[str, str]:
+    """(series UID, SOP instance UID) of the report: fixed by the study and the algorithm that made it."""
+    series = derive_uid(study_uid, algorithm.name, algorithm.version, "pdf")
     return series, derive_uid(series, "instance", "1")
 
 
@@ -77,7 +76,6 @@ def build_pdf_dataset(
     referenced_series: Sequence[tuple[str, Sequence[Dataset]]] = (),
     series_number: int = PDF_SERIES_NUMBER,
     content_datetime: datetime.datetime | None = None,
-    models: Sequence[str] = (),
 ) -> Dataset:
     """The Encapsulated PDF dataset (see :func:`write_pdf`), not written."""
     if not isinstance(pdf_bytes, bytes | bytearray) or not bytes(pdf_bytes[:5]) == b"%PDF-":
@@ -89,7 +87,7 @@ def build_pdf_dataset(
     if not title or len(title) > MAX_TITLE:
         raise ValueError(f"title must be 1-{MAX_TITLE} characters, got {title!r}")
     when = content_datetime or source_datetime(source)
-    series_uid, sop_uid = pdf_uids(source.StudyInstanceUID, algorithm, models)
+    series_uid, sop_uid = pdf_uids(source.StudyInstanceUID, algorithm)
 
     ds = Dataset()
     if "SpecificCharacterSet" in source:
@@ -148,7 +146,6 @@ def write_pdf(
     referenced_series: Sequence[tuple[str, Sequence[Dataset]]] = (),
     series_number: int = PDF_SERIES_NUMBER,
     content_datetime: datetime.datetime | None = None,
-    models: Sequence[str] = (),
 ) -> Path:
     """Write ``pdf_bytes`` as a DICOM Encapsulated PDF into ``out_path`` (atomically); return the path.
 
@@ -162,10 +159,9 @@ def write_pdf(
             listed in SourceInstanceSequence. Default: the source image itself.
         series_number: of the new DOC series.
         content_datetime: ContentDate/Time and SeriesDate/Time; default the source series' date and time.
-        models: name and version of each model whose results the report holds (part of the UIDs).
 
-    UIDs derive from the study UID, the algorithm and the models (:func:`pdf_uids`): a re-run replaces the report
-    instead of adding a second one. Raises ValueError for input that does not fit (not a PDF, missing UIDs, images of
+    UIDs derive from the study UID and the algorithm (:func:`pdf_uids`): a re-run replaces the report instead of
+    adding a second one. Raises ValueError for input that does not fit (not a PDF, missing UIDs, images of
     another study, an empty or long title).
     """
     ds = build_pdf_dataset(
@@ -176,7 +172,6 @@ def write_pdf(
         referenced_series=referenced_series,
         series_number=series_number,
         content_datetime=content_datetime,
-        models=models,
     )
     path = write_atomic(ds, Path(out_path))
     logger.info("wrote encapsulated PDF %s (%d bytes of PDF) to %s", ds.SOPInstanceUID, len(pdf_bytes), path)
