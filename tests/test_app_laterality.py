@@ -191,6 +191,15 @@ def test_outputs_without_secondary_capture_remove_an_earlier_runs_series(scored_
     assert not list(tmp_path.glob("*_sc_*.dcm")) and (tmp_path / "ica_seg.dcm").exists()
 
 
+def test_the_report_has_the_uid_the_pacs_bridge_looks_up_before_it_runs_the_app(outputs):
+    """The bridge's 'already done' check (pacs.common.report_uid) knows only the study and the app."""
+    from deploy_app.pacs.common import report_uid
+
+    out, _, _ = outputs
+    report = pydicom.dcmread(out / "report_pdf.dcm", stop_before_pixels=True)
+    assert report.SOPInstanceUID == report_uid(report.StudyInstanceUID)
+
+
 def test_outputs_remove_the_staging_folder_of_a_killed_run_but_not_of_a_live_one(scored_study, tmp_path):
     """A run killed mid-write (SIGKILL, out of memory) never reaches its cleanup; the next run in the folder does it."""
     import subprocess
