@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+from deploy_app.volume import Frame, frames_in_slice_order
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANUFACTURER = "CalciMap"
@@ -48,30 +49,34 @@ def derive_uid(*parts: str) -> str:
     return str(generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=[_UID_SEPARATOR.join(parts)]))
 
 
-def check_source_series(datasets: Sequence[Dataset]) -> None:
-    """Raise ValueError unless ``datasets`` are single-frame images of one series, in slice order.
+def check_source_series(datasets: Sequence[Dataset]) -> list[Frame]:
+    """The planes of the source series in slice order, the order of the label map's k axis (ValueError otherwise).
 
-    Slice order means increasing position along the slice normal (row x column cosine), the order
-    ``read_ct_series`` returns and the one the label map's k axis must follow.
+    The source is either single-frame images of one series, given in slice order (increasing position along the
+    slice normal, the order ``read_ct_series`` returns), or one multi-frame CT object, whose frames may be
+    stored in any order: the label map follows :func:`deploy_app.volume.build_volume`'s k axis either way.
     """
     if not datasets:
         raise ValueError("no source datasets: pass the source series' datasets in slice order")
-    first = datasets[0]
-    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "ImageOrientationPatient"):
-        if keyword not in first:
+    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        if keyword not in datasets[0]:
             raise ValueError(f"the source images have no {keyword}")
     series = {ds.SeriesInstanceUID for ds in datasets}
     if len(series) != 1:
         raise ValueError(f"the source images belong to {len(series)} series; pass one series")
-    if any(int(ds.get("NumberOfFrames", 1) or 1) != 1 for ds in datasets):
-        raise ValueError("multi-frame source images are not supported by this writer; pass single-frame slices")
+    if any(int(ds.get("NumberOfFrames", 1) or 1) != 1 for ds in datasets) and (
+        len(datasets) > 1 or "PerFrameFunctionalGroupsSequence" not in datasets[0]
+    ):
+        raise ValueError(
+            f"the series is {len(datasets)} object(s) with several frames; the SEG, SR and Secondary Capture "
+            "writers take single-frame slices or one multi-frame object with per-frame functional groups"
+        )
     if len({ds.SOPInstanceUID for ds in datasets}) != len(datasets):
         raise ValueError("a source instance appears twice")
-    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
-    normal = np.cross(iop[:3], iop[3:])
-    along = np.array([np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal) for ds in datasets])
-    if len(along) > 1 and not np.all(np.diff(along) > 0):
+    frames = frames_in_slice_order(datasets)
+    if len(datasets) > 1 and [f.dataset_index for f in frames] != list(range(len(datasets))):
         raise ValueError("the source images are not in slice order (increasing position along the slice normal)")
+    return frames
 
 
 def source_datetime(source: Dataset) -> datetime.datetime:

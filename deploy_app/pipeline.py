@@ -22,6 +22,7 @@ from bundles.dst_ica_calcification.scripts.hemisphere import voxel_to_patient
 from bundles.dst_ica_calcification.scripts.segments import map_segments
 from bundles.s2cac_coronary_calcium.scripts import scoring
 from deploy_app import quality
+from deploy_app.dicom_output import check_source_series
 from deploy_app.inference import CalciumSegmenter, LandmarkLocator
 from deploy_app.models import MODELS
 from deploy_app.selection import SeriesChoice, acquisition_facts, load_rules, select_series
@@ -35,14 +36,6 @@ NO_SERIES = {
     "coronary": "No non-contrast chest/cardiac CT series in this study.",
     "ica": "No non-contrast head CT series in this study.",
 }
-
-
-# The volume builder and the checks read Enhanced / Legacy Converted multi-frame CT; the SEG, SR and Secondary
-# Capture writers reference single-frame source images only (slices, not frames of one object).
-MULTI_FRAME_NOT_SCORED = (
-    "the series is one multi-frame (Enhanced) CT object: it was read and passed the checks, but this version "
-    "writes SEG and SR for single-frame CT series only. Export the series as single-frame CT images."
-)
 
 
 @dataclass
@@ -298,9 +291,12 @@ def run_path(path: str, choice: SeriesChoice | None, models: Models, limits: Map
     if ok and missing:
         result.not_scored_reason = f"model(s) {', '.join(missing)} not installed"
         ok = False
-    if ok and len(result.volume.datasets) == 1 and int(result.volume.datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        result.not_scored_reason = MULTI_FRAME_NOT_SCORED
-        ok = False
+    if ok:
+        try:  # what the writers will reference: single-frame slices or one multi-frame object
+            check_source_series(result.volume.datasets)
+        except ValueError as e:
+            result.not_scored_reason = f"The reports cannot reference this series: {e}."
+            ok = False
     if ok:
         (score_coronary if path == "coronary" else score_ica)(result, models, limits)
     if result.scored:

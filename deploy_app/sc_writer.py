@@ -116,10 +116,10 @@ def build_sc_series(
 ) -> Iterator[hd.sc.SCImage]:
     """The SC images one after the other (see the module docstring and :func:`write_sc_series`), not written."""
     seg_set = get_segment_set(segment_set)
-    check_source_series(source_datasets)
+    frames = check_source_series(source_datasets)
     hu, labels = np.asarray(hu_kji), np.asarray(label_kji)
     source = source_datasets[0]
-    expected = (len(source_datasets), int(source.Rows), int(source.Columns))
+    expected = (len(frames), int(source.Rows), int(source.Columns))
     if hu.shape != expected or labels.shape != expected:
         raise ValueError(f"hu {hu.shape} and labels {labels.shape} must match the source series {expected} [k, j, i]")
     if labels.size and (labels.min() < 0 or labels.max() > len(seg_set.segments)):
@@ -134,11 +134,15 @@ def build_sc_series(
     scored = scored_voxels(hu, labels)
     zoom = max(1, -(-MIN_SIZE_PX // max(hu.shape[1:])))
     for n, k in enumerate(sc_slices(scored), start=1):
-        ref = source_datasets[k]
+        frame = frames[k]
+        ref = source_datasets[frame.dataset_index]
+        image_name = f"image {ref.get('InstanceNumber', k + 1)}"
+        if frame.frame_index is not None:
+            image_name += f" frame {frame.frame_index + 1}"
         present = [s for s in seg_set.segments if (scored[k] == s.number).any()]
         lines = [
             f"{app_name}: {SC_TITLES[seg_set.name]}",
-            f"Series {source.get('SeriesNumber', '?')} image {ref.get('InstanceNumber', k + 1)}",
+            f"Series {source.get('SeriesNumber', '?')} {image_name}",
             f"W {width:g} / L {level:g}",
         ]
         if not scored.any():
@@ -156,10 +160,8 @@ def build_sc_series(
             sop_instance_uid=derive_uid(series_uid, "instance", str(k)),
             instance_number=n,
             manufacturer=MANUFACTURER,
-            pixel_spacing=tuple(float(v) / zoom for v in ref.PixelSpacing),
-            patient_orientation=tuple(
-                orientation_label(np.asarray(ref.ImageOrientationPatient[n : n + 3], float)) for n in (0, 3)
-            ),
+            pixel_spacing=tuple(float(v) / zoom for v in frame.pixel_spacing),
+            patient_orientation=tuple(orientation_label(frame.orientation[n : n + 3]) for n in (0, 3)),
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
         image.ImageType = ["DERIVED", "SECONDARY"]
@@ -167,8 +169,9 @@ def build_sc_series(
         for keyword in _STUDY_ATTRIBUTES_COPIED:  # from_ref_dataset copies the patient and the study's UID and IDs
             if keyword in ref:
                 setattr(image, keyword, ref[keyword].value)
-        if "BodyPartExamined" in ref:  # lets a reader (and dciodvfy) see that no series Laterality is due
-            image.BodyPartExamined = ref.BodyPartExamined
+        # lets a reader (and dciodvfy) see that no series Laterality is due; a multi-frame source may name its
+        # anatomy only as a code in its functional groups (Frame Anatomy)
+        image.BodyPartExamined = ref.get("BodyPartExamined") or seg_set.body_part
         image.SeriesDescription = f"CalciMap {seg_set.name} calcium overlay (not for diagnostic use)"[:64]
         image.SeriesDate = image.ContentDate = when.strftime("%Y%m%d")
         image.SeriesTime = image.ContentTime = when.strftime("%H%M%S")
@@ -180,6 +183,8 @@ def build_sc_series(
         source_item = Dataset()
         source_item.ReferencedSOPClassUID = ref.SOPClassUID
         source_item.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+        if frame.frame_index is not None:
+            source_item.ReferencedFrameNumber = frame.frame_index + 1
         source_item.PurposeOfReferenceCodeSequence = [
             hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
         ]
@@ -205,7 +210,8 @@ def write_sc_series(
     """Write the SC series of ``label_kji`` over ``hu_kji`` as ``<set>_sc_0001.dcm``... into ``out_dir``.
 
     Args:
-        source_datasets: the source CT series, single-frame slices in slice order; the images join its study.
+        source_datasets: the source CT series, single-frame slices in slice order or one multi-frame CT object;
+            the images join its study.
         hu_kji: the source series in HU [k, j, i]; label_kji: segment numbers on the same grid (0 = none).
         segment_set: "coronary" or "ica" (as for ``write_seg``); it names the files and picks window and colours.
         app_name: the application and version burned into each image.

@@ -24,6 +24,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DS
 
 from deploy_app.dicom_codes import ABNORMAL_STRUCTURE, CALCIFIED_PLAQUE, PRIVATE_SCHEME_ITEM
 from deploy_app.dicom_output import (
@@ -37,6 +38,7 @@ from deploy_app.dicom_output import (
 )
 from deploy_app.overlay import labelled_slices
 from deploy_app.segment_sets import SegmentSet, SegmentSpec, default_algorithm, get_segment_set
+from deploy_app.volume import Frame
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +78,9 @@ def _description(spec: SegmentSpec, algorithm: Algorithm, sop_instance_uid: str)
     return desc
 
 
-def _check_label_map(label_kji: np.ndarray, datasets: Sequence[Dataset], n_segments: int) -> np.ndarray:
+def _check_label_map(label_kji: np.ndarray, source: Dataset, n_frames: int, n_segments: int) -> np.ndarray:
     labels = np.asarray(label_kji)
-    expected = (len(datasets), int(datasets[0].Rows), int(datasets[0].Columns))
+    expected = (n_frames, int(source.Rows), int(source.Columns))
     if labels.shape != expected:
         raise ValueError(f"label map shape {labels.shape} does not match the source series {expected} [k, j, i]")
     if labels.dtype.kind not in "iub":
@@ -95,6 +97,13 @@ def _slab(labels: np.ndarray) -> tuple[int, int]:
     return (int(ks[0]), int(ks[-1])) if ks.size else (0, 0)
 
 
+def _increment(frames: Sequence[Frame]) -> float | None:
+    """Distance between consecutive slice planes (mm) of the source; None for a single slice."""
+    if len(frames) < 2:
+        return None
+    return float(np.dot(frames[-1].position - frames[0].position, frames[0].normal)) / (len(frames) - 1)
+
+
 def build_seg(
     source_datasets: Sequence[Dataset],
     label_kji: np.ndarray,
@@ -108,19 +117,24 @@ def build_seg(
 ) -> hd.seg.Segmentation:
     """The SEG dataset (see :func:`write_seg`), not written."""
     seg_set = get_segment_set(segment_set)
-    check_source_series(source_datasets)
-    labels = _check_label_map(label_kji, source_datasets, len(seg_set.segments))
-    algorithm = algorithm or default_algorithm(seg_set)
+    frames = check_source_series(source_datasets)
     source = source_datasets[0]
+    labels = _check_label_map(label_kji, source, len(frames), len(seg_set.segments))
+    algorithm = algorithm or default_algorithm(seg_set)
     default_series, _ = seg_uids(source.SeriesInstanceUID, seg_set.name, algorithm)
     series_uid = series_uid or default_series
     when = content_datetime or source_datetime(source)
     if series_number is None:
         series_number = int(source.get("SeriesNumber") or 0) + SEG_SERIES_NUMBER_OFFSET
+    first, last = (0, len(frames) - 1) if full_stack else _slab(labels)
+    labels = labels[first : last + 1]
     images: Sequence[Dataset] = source_datasets
-    if not full_stack:
-        first, last = _slab(labels)
-        images, labels = source_datasets[first : last + 1], labels[first : last + 1]
+    positions = None
+    if frames[0].frame_index is not None:  # one multi-frame object: highdicom finds its frames by their positions
+        positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, f.position) for f in frames]
+        positions = positions[first : last + 1]
+    else:
+        images = source_datasets[first : last + 1]
     uses_private = any(spec.artery_segment is not None for spec in seg_set.segments)
     sop_instance_uid = derive_uid(series_uid, "instance", "1")
     seg = hd.seg.Segmentation(
@@ -136,6 +150,7 @@ def build_seg(
         manufacturer_model_name=algorithm.name,
         software_versions=algorithm.version,
         device_serial_number=algorithm.version,
+        plane_positions=positions,
         omit_empty_frames=False,
         content_label="CALCIUM",
         content_description=f"{seg_set.name} calcium by {algorithm.name} {algorithm.version}"[:64],
@@ -146,6 +161,11 @@ def build_seg(
         series_date=when.date(),
         series_time=when.time(),
     )
+    increment = _increment(frames)
+    if increment is not None:  # highdicom measures it on the slab's frames, and says 1 mm for a slab of one slice
+        seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices = DS(
+            increment, auto_format=True
+        )
     seg.ContentCreatorName = None  # Type 2: present and empty for an algorithm's content
     make_deterministic(seg, when)
     # highdicom draws a random DimensionOrganizationUID; derive it so that a re-run writes the same bytes.
@@ -171,8 +191,9 @@ def write_seg(
 
     Args:
         source_datasets: the source CT series, single-frame slices in slice order (as ``read_ct_series``
-            returns them); the SEG joins their study and copies their patient module.
-        label_kji: integer label map [k, j, i] on the source grid; value v is segment v of the set (0 = none).
+            returns them) or one multi-frame CT object; the SEG joins their study and copies their patient module.
+        label_kji: integer label map [k, j, i] on the source grid (k in increasing position along the slice
+            normal, as ``build_volume`` orders slices and frames); value v is segment v of the set (0 = none).
         segment_set: "coronary" (1 LM, 2 LAD, 3 LCX, 4 RCA) or "ica" (1 + side * 4 + segment, side 0 right;
             segments cervical, petrous, cavernous, supraclinoid), or a :class:`SegmentSet`.
         algorithm: name and version written as Algorithm Identification; default from the bundles' versions.

@@ -36,6 +36,7 @@ class SegmentSet:
     total_site: Code  # finding site of the total
     procedure: Code  # SR procedure reported
     has_risk_category: bool  # the risk categories are defined for the coronary total only
+    body_part: str  # BodyPartExamined (PS3.16 Annex L) of an image derived from a source that does not name one
 
     def __post_init__(self) -> None:
         numbers = [s.number for s in self.segments]
@@ -61,6 +62,7 @@ CORONARY = SegmentSet(
     total_site=dc.CORONARY_ARTERY,
     procedure=dc.CT_UNSPECIFIED,
     has_risk_category=True,
+    body_part="HEART",
 )
 
 _ICA_SIDES = (("right", dc.RIGHT), ("left", dc.LEFT))  # side 0 right, 1 left (label = 1 + side * 4 + segment)
@@ -87,6 +89,7 @@ ICA = SegmentSet(
     total_site=dc.ICA,
     procedure=dc.CT_UNSPECIFIED,
     has_risk_category=False,
+    body_part="HEAD",
 )
 
 SEGMENT_SETS = {s.name: s for s in (CORONARY, ICA)}

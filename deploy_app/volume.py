@@ -5,7 +5,7 @@ missing, drops slices without position tags and cannot read multi-frame CT (DESI
 0.28.2 (``get_volume_from_series``, ``Image.get_volume``) checks regularity, but only for slices stacked along
 their normal: a gantry-tilted series and a series with a missing slice both end in the same "Series is not a
 regularly-spaced volume.", which tells a user neither what nor where. Here one implementation serves both
-encodings: every slice or frame becomes a ``_Frame`` (position, orientation, pixel spacing, rescale), read from
+encodings: every slice or frame becomes a ``Frame`` (position, orientation, pixel spacing, rescale), read from
 the instance (single-frame CT Image) or from the functional groups (Enhanced CT, Legacy Converted Enhanced CT),
 and one check accepts or rejects the stack with a sentence naming the series and the fault.
 
@@ -110,11 +110,11 @@ class Volume:
 
 
 @dataclass(frozen=True)
-class _Frame:
+class Frame:
     """One image plane of the series, from a single-frame instance or one frame of a multi-frame object."""
 
-    dataset_index: int
-    frame_index: int | None  # None for a single-frame instance
+    dataset_index: int  # into the datasets given to frames_in_slice_order / build_volume
+    frame_index: int | None  # 0-based frame of a multi-frame object; None for a single-frame instance
     position: np.ndarray  # ImagePositionPatient (3,)
     orientation: np.ndarray  # ImageOrientationPatient (6,)
     pixel_spacing: tuple[float, float]
@@ -122,6 +122,12 @@ class _Frame:
     intercept: float
     thickness: float | None
     name: str  # for messages: "instance 12" or "frame 3 of instance 1"
+
+    @property
+    def normal(self) -> np.ndarray:
+        """The unit slice normal, row cosine x column cosine."""
+        normal = np.cross(self.orientation[:3], self.orientation[3:])
+        return normal / np.linalg.norm(normal)
 
 
 def _fmt(mm: float) -> str:
@@ -176,13 +182,13 @@ def _thickness(item: Dataset | None) -> float | None:
         return None
 
 
-def _single_frame(ds: Dataset, index: int, series: str) -> _Frame:
+def _single_frame(ds: Dataset, index: int, series: str) -> Frame:
     name = _instance_name(ds, index)
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if not ds.get(keyword):
             raise VolumeError(f"{series}: {name} has no {keyword}, so its place in the volume is unknown")
     slope, intercept = _rescale(ds, name, series)
-    return _Frame(
+    return Frame(
         dataset_index=index,
         frame_index=None,
         position=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", name, series),
@@ -203,7 +209,7 @@ def _group_item(frame_groups: Dataset | None, shared: Dataset | None, keyword: s
     return None
 
 
-def _multi_frames(ds: Dataset, index: int, series: str) -> list[_Frame]:
+def _multi_frames(ds: Dataset, index: int, series: str) -> list[Frame]:
     """The frames of an Enhanced / Legacy Converted Enhanced CT object, geometry from its functional groups."""
     instance = _instance_name(ds, index)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -229,7 +235,7 @@ def _multi_frames(ds: Dataset, index: int, series: str) -> list[_Frame]:
         transform = _group_item(groups, shared, "PixelValueTransformationSequence")
         slope, intercept = _rescale(transform if transform is not None else ds, name, series)
         frames.append(
-            _Frame(
+            Frame(
                 dataset_index=index,
                 frame_index=f,
                 position=_floats(plane.ImagePositionPatient, 3, "ImagePositionPatient", name, series),
@@ -315,7 +321,7 @@ def _check_instances(datasets: Sequence[Dataset]) -> str:
     return series
 
 
-def _check_planes(frames: list[_Frame], series: str) -> np.ndarray:
+def _check_planes(frames: list[Frame], series: str) -> np.ndarray:
     """Same orthonormal orientation and same pixel spacing everywhere; returns the unit slice normal."""
     first = frames[0]
     for frame in frames[1:]:
@@ -340,11 +346,10 @@ def _check_planes(frames: list[_Frame], series: str) -> np.ndarray:
         )
     if min(first.pixel_spacing) <= 0:
         raise VolumeError(f"{series}: PixelSpacing {list(first.pixel_spacing)} is not positive")
-    normal = np.cross(row, col)
-    return normal / np.linalg.norm(normal)
+    return first.normal
 
 
-def _check_stack(frames: list[_Frame], normal: np.ndarray, series: str) -> tuple[np.ndarray, float]:
+def _check_stack(frames: list[Frame], normal: np.ndarray, series: str) -> tuple[np.ndarray, float]:
     """Check spacing and completeness of frames sorted along ``normal``; returns (step vector, increment)."""
     if len(frames) < 2:
         raise VolumeError(
@@ -410,7 +415,7 @@ def _check_decoder(ds: Dataset, name: str, series: str) -> None:
         )
 
 
-def _frame_pixels(datasets: Sequence[Dataset], frames: list[_Frame], series: str) -> np.ndarray:
+def _frame_pixels(datasets: Sequence[Dataset], frames: list[Frame], series: str) -> np.ndarray:
     """HU of ``frames`` in their order, float32 [k, j, i]; each instance is decoded once."""
     decoded: dict[int, np.ndarray] = {}
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
@@ -434,6 +439,23 @@ def _frame_pixels(datasets: Sequence[Dataset], frames: list[_Frame], series: str
     return out
 
 
+def frames_in_slice_order(datasets: Sequence[Dataset], series: str | None = None) -> list[Frame]:
+    """The image planes of one series (each single-frame instance, each frame of a multi-frame object) in
+    increasing position along the slice normal: the order of :func:`build_volume`'s k axis, which the label maps
+    given to the writers follow. Raises :class:`VolumeError` unless the planes share one orthonormal orientation
+    and one pixel spacing; the rest of the geometry is :func:`build_volume`'s to check.
+    """
+    if not datasets:
+        raise VolumeError("no images were given")
+    series = series or _series_name(datasets[0])
+    frames: list[Frame] = []
+    for index, ds in enumerate(datasets):
+        frames.extend(_multi_frames(ds, index, series) if _is_multi_frame(ds) else [_single_frame(ds, index, series)])
+    normal = _check_planes(frames, series)
+    frames.sort(key=lambda f: float(np.dot(f.position, normal)))
+    return frames
+
+
 def build_volume(datasets: Sequence[Dataset]) -> Volume:
     """The CT volume of one series (single-frame slices in any order, or multi-frame CT objects).
 
@@ -451,12 +473,8 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     datasets = list(datasets)
     series = _check_instances(datasets)
     _check_budget(datasets, series)
-    frames: list[_Frame] = []
-    for index, ds in enumerate(datasets):
-        frames.extend(_multi_frames(ds, index, series) if _is_multi_frame(ds) else [_single_frame(ds, index, series)])
-    normal = _check_planes(frames, series)
-    frames.sort(key=lambda f: float(np.dot(f.position, normal)))
-    step, increment = _check_stack(frames, normal, series)
+    frames = frames_in_slice_order(datasets, series)
+    step, increment = _check_stack(frames, frames[0].normal, series)
     hu = _frame_pixels(datasets, frames, series)
 
     first = frames[0]

@@ -301,28 +301,105 @@ def test_missing_slice_is_not_scored_and_the_reports_say_why(study, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["report.pdf", "report_pdf.dcm", "results.json"]
 
 
-def test_a_multi_frame_series_is_read_and_checked_and_the_reports_say_why_it_is_not_scored(study, tmp_path):
-    """Enhanced / Legacy Converted multi-frame CT: read and checked, but the writers take single-frame series."""
+def write_multi_frame(series: list[pydicom.Dataset], path: Path, part: str = "1") -> None:
+    """``series`` as one Legacy Converted Enhanced CT object (its own series UID, frames in the converter's order)."""
     from highdicom.legacy import LegacyConvertedEnhancedCTImage
 
     from deploy_app.dicom_output import derive_uid
 
+    uid = series[0].SeriesInstanceUID
+    mf = LegacyConvertedEnhancedCTImage(
+        series,
+        series_instance_uid=derive_uid(uid, "multi-frame"),
+        series_number=int(series[0].SeriesNumber),
+        sop_instance_uid=derive_uid(uid, "multi-frame", part),
+        instance_number=int(part),
+    )
+    mf.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def multi_frame_run(study, tmp_path_factory):
+    """The study with each series as one multi-frame object, through the app with the Secondary Capture series."""
+    folder = tmp_path_factory.mktemp("multi_frame_study")
+    for series in sorted((study / "dicom").iterdir()):
+        write_multi_frame([pydicom.dcmread(p) for p in sorted(series.iterdir())], folder / f"{series.name}.dcm")
+    out = tmp_path_factory.mktemp("multi_frame_out")
+    r = run_app("-i", str(folder), "-o", str(out), "-l", "WARNING", env={"CALCIMAP_SECONDARY_CAPTURE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return folder, out
+
+
+def _referenced_position(item: pydicom.Dataset, sources: dict[str, pydicom.Dataset]) -> tuple[float, ...]:
+    """ImagePositionPatient of the source image (or frame) a Source Image Sequence item references."""
+    ds = sources[item.ReferencedSOPInstanceUID]
+    if "ReferencedFrameNumber" in item:
+        frame = ds.PerFrameFunctionalGroupsSequence[int(item.ReferencedFrameNumber) - 1]
+        return tuple(np.round(np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float), 3))
+    return tuple(np.round(np.asarray(ds.ImagePositionPatient, float), 3))
+
+
+@pytest.mark.parametrize(("path", "kind"), [("coronary", "chest"), ("ica", "head")])
+def test_a_multi_frame_series_is_scored_and_written_as_its_single_frame_series(
+    study, script_run, multi_frame_run, tmp_path, path, kind
+):
+    """Enhanced / Legacy Converted CT: the same scores, SEG masks at the same place, frames referenced by number."""
+    single_out, _, _ = script_run  # the single-frame series' outputs, Secondary Capture included
+    folder, out = multi_frame_run
+    got, want = results(out)["paths"][path], results(single_out)["paths"][path]
+    assert got["scored"], got["not_scored_reason"]
+    assert (
+        got["scores"]["per_label"] == want["scores"]["per_label"] and got["scores"]["total"] == want["scores"]["total"]
+    )
+    from_frames = read_back_with_dcmqi(out / f"{path}_seg.dcm", tmp_path / "frames")
+    from_slices = read_back_with_dcmqi(single_out / f"{path}_seg.dcm", tmp_path / "slices")
+    assert from_frames.keys() == from_slices.keys()
+    for number, image in from_frames.items():
+        np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(from_slices[number].dataobj))
+        np.testing.assert_allclose(image.affine, from_slices[number].affine, atol=1e-3)
+
+    sources = {
+        ds.SOPInstanceUID: ds
+        for ds in map(pydicom.dcmread, [*folder.iterdir(), *next((study / "dicom").glob(f"{kind}_*")).iterdir()])
+    }
+    seg = pydicom.dcmread(out / f"{path}_seg.dcm")
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0]
+        position = tuple(np.round(np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float), 3))
+        assert "ReferencedFrameNumber" in ref and _referenced_position(ref, sources) == position
+    for mine, theirs in zip(
+        sorted(out.glob(f"{path}_sc_*.dcm")), sorted(single_out.glob(f"{path}_sc_*.dcm")), strict=True
+    ):
+        a, b = (pydicom.dcmread(p).SourceImageSequence[0] for p in (mine, theirs))
+        assert "ReferencedFrameNumber" in a and _referenced_position(a, sources) == _referenced_position(b, sources)
+        dciodvfy(mine)
+    for name in (f"{path}_seg.dcm", f"{path}_sr.dcm"):
+        dciodvfy(out / name)
+    names = scoring.DEFAULT_LABEL_NAMES if path == "coronary" else ICA_LABEL_NAMES
+    pixelmed_validate(out / f"{path}_sr.dcm", len(names) + 1)
+    files = [str(p) for p in [*folder.iterdir(), *out.glob("*.dcm")]]
+    r = subprocess.run([need_tool("dcentvfy"), *files], capture_output=True, text=True, timeout=300)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if "Error" in line]
+    assert not errors, "\n".join(errors[:20])
+
+
+def test_a_series_of_several_multi_frame_objects_is_not_scored_and_the_reports_say_why(study, tmp_path):
     chest = [pydicom.dcmread(p) for p in sorted(next((study / "dicom").glob("chest_*")).iterdir())]
-    uid = chest[0].SeriesInstanceUID
-    mf = LegacyConvertedEnhancedCTImage(chest, series_instance_uid=derive_uid(uid, "mf"), series_number=7,
-                                        sop_instance_uid=derive_uid(uid, "mf", "1"), instance_number=1)  # fmt: skip
     folder = tmp_path / "study"
     folder.mkdir()
-    mf.save_as(folder / "enhanced.dcm", enforce_file_format=True)
+    half = len(chest) // 2
+    write_multi_frame(chest[:half], folder / "part1.dcm", "1")
+    write_multi_frame(chest[half:], folder / "part2.dcm", "2")
     out = tmp_path / "out"
     r = run_app("-i", str(folder), "-o", str(out), "-l", "WARNING")
     assert_one_line_error(r, "not_scored", "no series could be scored")
     coronary = results(out)["paths"]["coronary"]
-    assert not coronary["scored"] and "multi-frame (Enhanced) CT" in coronary["not_scored_reason"]
-    assert all(f["passed"] for f in coronary["quality"]), coronary["quality"]  # it was read and checked
+    assert coronary["series"]["slices"] == len(chest)  # read as one volume and checked
+    assert all(f["passed"] for f in coronary["quality"]), coronary["quality"]
+    assert not coronary["scored"] and "is 2 object(s) with several frames" in coronary["not_scored_reason"]
     assert sorted(p.name for p in out.iterdir()) == ["report.pdf", "report_pdf.dcm", "results.json"]
     text = " ".join(" ".join(pdf_text((out / "report.pdf").read_bytes())).split())
-    assert text.count("Not scored:") == 1 and "Not scored: the series is one multi-frame" in text
+    assert text.count("Not scored:") == 1 and "The reports cannot reference this series" in text
 
 
 def test_tilted_head_is_resampled_scored_and_its_seg_lies_on_the_source_slices(tmp_path):

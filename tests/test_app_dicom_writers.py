@@ -7,6 +7,7 @@ wrote; our own reading is used only to compare values. Locally a missing tool sk
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -296,6 +297,9 @@ def test_calcium_free_study_keeps_every_segment_and_reports_zero(chest, tmp_path
     dciodvfy(tmp_path / "seg.dcm")
     assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2, 3, 4]
     assert int(seg.NumberOfFrames) == 4  # one empty frame per segment
+    # the series' slice spacing, not the 1 mm highdicom infers from a slab of one slice
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(grid.increment_mm)
     sr = write_sr(datasets, seg, score(volume, grid, empty, scoring.DEFAULT_LABEL_NAMES), tmp_path / "sr.dcm")
     dciodvfy(tmp_path / "sr.dcm")
     groups = dict(content_items(pydicom.dcmread(tmp_path / "sr.dcm")))
@@ -371,6 +375,11 @@ def test_writers_reject_input_that_does_not_fit_and_leave_no_file(chest, chest_o
         write_seg(datasets[::-1], labels, "coronary", tmp_path / "a.dcm")
     with pytest.raises(ValueError, match="unknown segment set"):
         write_seg(datasets, labels, "aorta", tmp_path / "a.dcm")
+    framed = copy.deepcopy(datasets[:2])
+    for ds in framed:
+        ds.NumberOfFrames = 2
+    with pytest.raises(ValueError, match="one multi-frame object"):
+        write_seg(framed, labels[:2], "coronary", tmp_path / "a.dcm")
     ica_scores = score(volume, grid, np.zeros_like(labels), ICA_LABEL_NAMES)
     with pytest.raises(ValueError, match="segments"):
         write_sr(datasets, seg, ica_scores, tmp_path / "b.dcm")
