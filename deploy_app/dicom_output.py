@@ -4,7 +4,6 @@ taken from the source, the source series checks and the atomic file write."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -34,12 +33,6 @@ class Algorithm:
             value = getattr(self, field_name)
             if not isinstance(value, str) or not value.strip() or len(value) > 64 or "\\" in value:
                 raise ValueError(f"algorithm {field_name} must be a non-empty LO string (<= 64 chars), got {value!r}")
-
-
-def bundle_version(bundle: str) -> str:
-    """The ``version`` of a bundle's configs/metadata.json (bundles/<bundle>/)."""
-    path = REPO_ROOT / "bundles" / bundle / "configs" / "metadata.json"
-    return str(json.loads(path.read_text())["version"])
 
 
 def derive_uid(*parts: str) -> str:

@@ -45,6 +45,12 @@ class ModelSpec:
     def config_paths(self) -> list[Path]:
         return [self.bundle_root / "configs" / c for c in self.configs]
 
+    @property
+    def version(self) -> str:
+        """The ``version`` of the bundle's metadata file for this network: what the SEG and SR name as the
+        algorithm's version, and what ``make models`` records in the manifest."""
+        return str(json.loads((self.bundle_root / "configs" / self.metadata).read_text())["version"])
+
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -82,6 +88,13 @@ def load_manifest(path: Path = MANIFEST_PATH) -> dict[str, dict]:
     unknown = set(manifest) - set(MODELS)
     if unknown:
         raise ModelError(f"model manifest {path} names unknown models {sorted(unknown)}")
+    for name, entry in manifest.items():  # else the reports would name a version the model file is not
+        spec = MODELS[name]
+        if entry.get("bundle_version") != spec.version:
+            raise ModelError(
+                f"model manifest {path} has {name} from {spec.bundle} {entry.get('bundle_version')}, but "
+                f"bundles/{spec.bundle}/configs/{spec.metadata} says {spec.version}: run `make models`"
+            )
     return manifest
 
 

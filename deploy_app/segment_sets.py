@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pydicom.sr.coding import Code
 
 from deploy_app import dicom_codes as dc
-from deploy_app.dicom_output import Algorithm, bundle_version
+from deploy_app.dicom_output import Algorithm
+from deploy_app.models import MODELS
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,7 @@ def get_segment_set(segment_set: str | SegmentSet) -> SegmentSet:
 
 
 def default_algorithm(segment_set: str | SegmentSet) -> Algorithm:
-    """The algorithm behind a segment set, versioned by the bundles' metadata.json."""
-    s2cac = bundle_version("s2cac_coronary_calcium")
+    """The algorithm behind a segment set, versioned by its models' bundle metadata."""
     if get_segment_set(segment_set).name == "coronary":
-        return Algorithm("CalciMap S2CAC", s2cac)
-    return Algorithm("CalciMap S2CAC+DST", f"{s2cac}+{bundle_version('dst_ica_calcification')}")
+        return Algorithm("CalciMap S2CAC", MODELS["s2cac_coronary"].version)
+    return Algorithm("CalciMap S2CAC+DST", f"{MODELS['s2cac_ica'].version}+{MODELS['dst_landmarks'].version}")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         current = args.out / spec.name / MODEL_FILE
         kept = old.get(spec.name, {})
-        version = json.loads((spec.bundle_root / "configs" / spec.metadata).read_text())["version"]
+        version = spec.version
         if current.is_file() and kept.get("weights_sha256") == sha256(ckpt) and kept.get("sha256") == sha256(current):
             logger.info("%s is up to date", current)
             manifest[spec.name] = {**kept, "bundle_version": version}

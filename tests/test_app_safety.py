@@ -55,7 +55,8 @@ def _plant(marker: Path, folder: Path) -> Path:
 def test_expression_planted_in_an_embedded_config_never_runs(tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     planted = _plant(marker, tmp_path / "models")
-    manifest = {MODEL: {"sha256": sha256(planted)}}  # a manifest that accepts the tampered file
+    # a manifest that accepts the tampered file
+    manifest = {MODEL: {"sha256": sha256(planted), "bundle_version": model_files.MODELS[MODEL].version}}
     manifest_path = tmp_path / "manifest.json"
     manifest_path.write_text(json.dumps(manifest))
     monkeypatch.setattr(model_files, "MANIFEST_PATH", manifest_path)
@@ -94,6 +95,20 @@ def test_a_model_that_differs_from_the_manifest_is_refused_before_it_is_read(tmp
     with pytest.raises(ModelError, match="refusing to load a model the app was not shipped with"):
         locate_models(folder, manifest)
     assert reads == []
+
+
+def test_a_manifest_from_another_bundle_version_is_refused(tmp_path):
+    """A bundle whose version moved on without `make models`: the SEG and SR would name the bundle's version,
+    results.json the manifest's, and neither need be the model that ran."""
+    manifest = model_files.load_manifest()
+    manifest[MODEL]["bundle_version"] = "0.0.1"
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    version = model_files.MODELS[MODEL].version
+    with pytest.raises(
+        ModelError, match=rf"{MODEL} from s2cac_coronary_calcium 0\.0\.1, but .* says {version}: run `make models`"
+    ):
+        model_files.load_manifest(path)
 
 
 def test_a_model_file_that_cannot_be_read_is_a_model_error(tmp_path):
