@@ -147,6 +147,7 @@ def test_axial_rule_assigns_segments_and_the_boundary_slice_goes_distal():
     )
     report = m.report()
     assert report["boundaries_slice_index"]["left"][0] == "below scan"
+    assert "risk_category" not in report  # the Agatston risk categories are defined for the coronary total only
     json.dumps(report, allow_nan=False)
 
 

@@ -110,7 +110,6 @@ class SegmentMapping:
         return {
             "sides": {side: {k: v.as_dict() for k, v in rows.items()} for side, rows in self.table().items()},
             "total": self.score.total.as_dict(),
-            "risk_category": self.score.risk_category,
             "boundaries_slice_index": {side: [place(b) for b in bs] for side, bs in self.boundaries.items()},
             "plane": self.plane.as_dict(),
             "label_values": {name: value for value, name in LABEL_NAMES.items()},
