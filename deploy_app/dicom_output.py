@@ -57,19 +57,37 @@ def check_source_series(datasets: Sequence[Dataset]) -> list[Frame]:
     series = {ds.SeriesInstanceUID for ds in datasets}
     if len(series) != 1:
         raise ValueError(f"the source images belong to {len(series)} series; pass one series")
-    if any(int(ds.get("NumberOfFrames", 1) or 1) != 1 for ds in datasets) and (
-        len(datasets) > 1 or "PerFrameFunctionalGroupsSequence" not in datasets[0]
-    ):
+    framed = [int(ds.get("NumberOfFrames", 1) or 1) != 1 or "PerFrameFunctionalGroupsSequence" in ds for ds in datasets]
+    if any(framed) and (len(datasets) > 1 or "PerFrameFunctionalGroupsSequence" not in datasets[0]):
         raise ValueError(
-            f"the series is {len(datasets)} object(s) with several frames; the SEG, SR and Secondary Capture "
-            "writers take single-frame slices or one multi-frame object with per-frame functional groups"
+            f"the series is {len(datasets)} object(s), {sum(framed)} of them multi-frame; the SEG, SR and Secondary "
+            "Capture writers take single-frame slices or one multi-frame object with per-frame functional groups"
         )
+    if any(framed):
+        _check_multi_frame_groups(datasets[0])
     if len({ds.SOPInstanceUID for ds in datasets}) != len(datasets):
         raise ValueError("a source instance appears twice")
     frames = frames_in_slice_order(datasets)
     if len(datasets) > 1 and [f.dataset_index for f in frames] != list(range(len(datasets))):
         raise ValueError("the source images are not in slice order (increasing position along the slice normal)")
+    along = [float(f.position @ f.normal) for f in frames]
+    if any(b <= a for a, b in zip(along, along[1:], strict=False)):
+        raise ValueError("two source images lie at the same position along the slice normal")
     return frames
+
+
+def _check_multi_frame_groups(ds: Dataset) -> None:
+    """What highdicom's SEG needs of a multi-frame source: orientation and pixel spacing shared by every frame
+    (Shared Functional Groups) and each frame's position in its own (Per-Frame) group."""
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    for keyword, what in (("PlaneOrientationSequence", "orientation"), ("PixelMeasuresSequence", "pixel spacing")):
+        if keyword not in shared:
+            raise ValueError(
+                f"the multi-frame object gives its {what} per frame; the SEG writer needs it in the shared "
+                "functional groups (export the series as single-frame CT images)"
+            )
+    if not all("PlanePositionSequence" in item for item in ds.PerFrameFunctionalGroupsSequence):
+        raise ValueError("the multi-frame object gives no per-frame position (PlanePositionSequence) for some frames")
 
 
 def source_datetime(source: Dataset) -> datetime.datetime:

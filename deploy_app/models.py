@@ -90,10 +90,16 @@ def load_manifest(path: Path = MANIFEST_PATH) -> dict[str, dict]:
         raise ModelError(f"model manifest {path} names unknown models {sorted(unknown)}")
     for name, entry in manifest.items():  # else the reports would name a version the model file is not
         spec = MODELS[name]
-        if entry.get("bundle_version") != spec.version:
+        try:
+            version = spec.version
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            where = f"bundles/{spec.bundle}/configs/{spec.metadata}"
+            raise ModelError(f"cannot read the version of {name} in {where}: {e}") from None
+        if not isinstance(entry, dict) or entry.get("bundle_version") != version:
+            found = entry.get("bundle_version") if isinstance(entry, dict) else entry
             raise ModelError(
-                f"model manifest {path} has {name} from {spec.bundle} {entry.get('bundle_version')}, but "
-                f"bundles/{spec.bundle}/configs/{spec.metadata} says {spec.version}: run `make models`"
+                f"model manifest {path} has {name} from {spec.bundle} {found}, but "
+                f"bundles/{spec.bundle}/configs/{spec.metadata} says {version}: run `make models`"
             )
     return manifest
 

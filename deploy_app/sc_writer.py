@@ -140,6 +140,7 @@ def build_sc_series(
         if frame.frame_index is not None:
             image_name += f" frame {frame.frame_index + 1}"
         present = [s for s in seg_set.segments if (scored[k] == s.number).any()]
+        orientation = [orientation_label(frame.orientation[n : n + 3]) for n in (0, 3)]
         lines = [
             f"{app_name}: {SC_TITLES[seg_set.name]}",
             f"Series {source.get('SeriesNumber', '?')} {image_name}",
@@ -161,9 +162,10 @@ def build_sc_series(
             instance_number=n,
             manufacturer=MANUFACTURER,
             pixel_spacing=tuple(float(v) / zoom for v in frame.pixel_spacing),
-            patient_orientation=tuple(orientation_label(frame.orientation[n : n + 3]) for n in (0, 3)),
+            patient_orientation=tuple(label[0] for label in orientation),  # highdicom takes one letter a value
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
+        image.PatientOrientation = orientation  # with refinements, e.g. "PH" for a tilted head's columns
         image.ImageType = ["DERIVED", "SECONDARY"]
         image.BurnedInAnnotation = "YES"
         for keyword in _STUDY_ATTRIBUTES_COPIED:  # from_ref_dataset copies the patient and the study's UID and IDs

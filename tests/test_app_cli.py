@@ -396,7 +396,7 @@ def test_a_series_of_several_multi_frame_objects_is_not_scored_and_the_reports_s
     coronary = results(out)["paths"]["coronary"]
     assert coronary["series"]["slices"] == len(chest)  # read as one volume and checked
     assert all(f["passed"] for f in coronary["quality"]), coronary["quality"]
-    assert not coronary["scored"] and "is 2 object(s) with several frames" in coronary["not_scored_reason"]
+    assert not coronary["scored"] and "is 2 object(s), 2 of them multi-frame" in coronary["not_scored_reason"]
     assert sorted(p.name for p in out.iterdir()) == ["report.pdf", "report_pdf.dcm", "results.json"]
     text = " ".join(" ".join(pdf_text((out / "report.pdf").read_bytes())).split())
     assert text.count("Not scored:") == 1 and "The reports cannot reference this series" in text

@@ -449,3 +449,52 @@ def test_calcium_free_sc_series_is_the_middle_slice_and_bad_input_writes_nothing
     with pytest.raises(ValueError, match="slice order"):
         write_sc_series(datasets[::-1], volume, labels, "coronary", bad, app_name="x")
     assert not bad.exists()
+
+
+def test_sc_of_a_tilted_head_keeps_the_refined_patient_orientation(tmp_path):
+    """Tilted 20 deg, the columns run posterior and towards the head: PatientOrientation "PH", which DICOM allows
+    and highdicom's one-letter values do not (the writer failed on it, and with it a tilted head run with the SC
+    series)."""
+    case = make_head_case(6, 0, "small", tilt_deg=20.0, calcium="right")
+    folder = write_case(case, tmp_path / "head", dicom=True)
+    volume, _, datasets = read_ct_series(folder / "dicom")
+    _, paths = write_sc_series(datasets, volume, ica_labels_from_truth(case), "ica", tmp_path / "sc", app_name="x")
+    assert paths
+    for path in paths:
+        dciodvfy(path)
+    row, column = pydicom.dcmread(paths[0]).PatientOrientation
+    assert row == "L" and len(column) == 2 and column[0] == "P"
+
+
+def test_writers_refuse_sources_whose_frames_they_cannot_reference_and_write_nothing(chest, tmp_path):
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    from deploy_app.dicom_output import derive_uid
+
+    _, _, datasets, labels = chest
+
+    def enhanced(slices, part="1"):
+        uid = slices[0].SeriesInstanceUID
+        return LegacyConvertedEnhancedCTImage(
+            slices,
+            series_instance_uid=derive_uid(uid, "enhanced"),
+            series_number=9,
+            sop_instance_uid=derive_uid(uid, "enhanced", part),
+            instance_number=int(part),
+        )
+
+    one_frame_each = [enhanced([ds], str(n)) for n, ds in enumerate(datasets[:3], start=1)]
+    with pytest.raises(ValueError, match=r"3 object\(s\), 3 of them multi-frame"):
+        write_seg(one_frame_each, labels[:3], "coronary", tmp_path / "a.dcm")
+    per_frame = enhanced(datasets[:3])
+    orientation = per_frame.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    del per_frame.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    for item in per_frame.PerFrameFunctionalGroupsSequence:
+        item.PlaneOrientationSequence = copy.deepcopy(orientation)
+    with pytest.raises(ValueError, match="gives its orientation per frame"):
+        write_seg([per_frame], labels[:3], "coronary", tmp_path / "a.dcm")
+    twins = copy.deepcopy(datasets[:3])
+    twins[2].ImagePositionPatient = twins[1].ImagePositionPatient
+    with pytest.raises(ValueError, match="same position"):
+        write_seg(twins, labels[:3], "coronary", tmp_path / "a.dcm")
+    assert list(tmp_path.iterdir()) == []

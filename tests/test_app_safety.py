@@ -15,6 +15,7 @@ manifest is refused before anything reads it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def test_a_manifest_from_another_bundle_version_is_refused(tmp_path):
         ModelError, match=rf"{MODEL} from s2cac_coronary_calcium 0\.0\.1, but .* says {version}: run `make models`"
     ):
         model_files.load_manifest(path)
+
+
+def test_an_unreadable_bundle_version_or_manifest_entry_is_a_model_error(tmp_path, monkeypatch):
+    manifest = model_files.load_manifest()
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({**manifest, MODEL: "0.3.1"}))
+    with pytest.raises(ModelError, match=f"{MODEL} from .* 0.3.1, but"):
+        model_files.load_manifest(path)
+    spec = dataclasses.replace(model_files.MODELS[MODEL], metadata="missing.json")
+    monkeypatch.setitem(model_files.MODELS, MODEL, spec)
+    with pytest.raises(ModelError, match=f"cannot read the version of {MODEL} in .*missing.json"):
+        model_files.load_manifest()
 
 
 def test_a_model_file_that_cannot_be_read_is_a_model_error(tmp_path):
