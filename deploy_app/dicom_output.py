@@ -70,7 +70,8 @@ def check_source_series(datasets: Sequence[Dataset]) -> list[Frame]:
     frames = frames_in_slice_order(datasets)
     if len(datasets) > 1 and [f.dataset_index for f in frames] != list(range(len(datasets))):
         raise ValueError("the source images are not in slice order (increasing position along the slice normal)")
-    along = [float(f.position @ f.normal) for f in frames]
+    normal = frames[0].normal  # one orientation: frames_in_slice_order checked it
+    along = [float(f.position @ normal) for f in frames]
     if any(b <= a for a, b in zip(along, along[1:], strict=False)):
         raise ValueError("two source images lie at the same position along the slice normal")
     return frames
